@@ -1,0 +1,8 @@
+# Baseline: MMDetection 3.3's faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py, unchanged.
+# Paper (Yong et al., ECCV 2020), Table 8, Faster R-CNN FPN X101-32x4d: AP 40.1 -> 40.7 with GC (AP50 62.0 -> 62.7, AP75 43.8 -> 43.9).
+# MMDetection 3.3 model zoo: box AP 41.2 (1x).
+# Schedule: 1x (12 epochs, lr steps at epochs 8 and 11), as in the paper.
+# Its GC twin is faster_rcnn_x101_32x4d_gc.py.
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py'
+
+custom_imports = dict(imports=['gc_mm'], allow_failed_imports=False)

@@ -1,0 +1,65 @@
+"""The Gradient Centralization operator, the one copy of its maths in gc_mm.
+
+Yong et al., "Gradient Centralization: A New Optimization Technique for Deep
+Neural Networks", ECCV 2020. For a weight gradient G with one row per output
+unit, ``P(G) = G - mean(G over every dim but dim 0)``. Every optimizer, the
+optim wrapper and the fused paths call :func:`centralize_`.
+"""
+from typing import Iterable, List, Optional
+
+import torch
+from torch import Tensor
+
+# A GC mode names which tensors are centralized:
+#   'conv_fc': ndim > 1, conv and fully connected weights (the "_GC" rule);
+#   'conv':    ndim > 3, conv weights only (the "_GCC" rule);
+#   None:      no tensor (GC off).
+GC_MODES = ('conv_fc', 'conv', None)
+_MIN_NDIM = {'conv_fc': 2, 'conv': 4}
+
+
+def check_gc_mode(gc_mode, name: str = 'gc_mode') -> Optional[str]:
+    """Return ``gc_mode`` if it is one of :data:`GC_MODES`, else raise."""
+    if gc_mode not in GC_MODES:
+        raise ValueError(f"{name} must be 'conv_fc' (conv and fc weights), "
+                         f"'conv' (conv weights only) or None (off), "
+                         f'got {gc_mode!r}')
+    return gc_mode
+
+
+def is_centralized(tensor: Tensor, gc_mode: Optional[str]) -> bool:
+    """Whether a tensor of this shape is centralized under ``gc_mode``."""
+    return gc_mode is not None and tensor.ndim >= _MIN_NDIM[gc_mode]
+
+
+def centralize_(tensors: Iterable[Tensor], conv_only: bool = False) -> None:
+    """Centralize tensors in place: subtract from each row its mean.
+
+    Args:
+        tensors: tensors to centralize; each one with ``ndim > 1`` (``> 3``
+            with ``conv_only``) is reduced over every dim but dim 0. The
+            others (biases, norm weights, and fc weights in conv-only mode)
+            are left untouched.
+        conv_only: centralize only ``ndim > 3`` tensors (the "GCC" rule).
+
+    A row of length 1 becomes exactly zero. A non-finite entry makes its
+    whole row non-finite (the mean spreads it); nothing raises.
+    """
+    min_ndim = 4 if conv_only else 2
+    rows: List[Tensor] = []
+    means: List[Tensor] = []
+    for tensor in tensors:
+        if tensor.ndim < min_ndim:
+            continue
+        # The reduction over a contiguous 2-D view is a single fast pass;
+        # other layouts (channels_last) reduce over the original dims.
+        if tensor.is_contiguous():
+            row_view = tensor.view(tensor.shape[0], -1)
+            rows.append(row_view)
+            means.append(row_view.mean(dim=1, keepdim=True))
+        else:
+            rows.append(tensor)
+            means.append(
+                tensor.mean(dim=tuple(range(1, tensor.ndim)), keepdim=True))
+    if rows:
+        torch._foreach_sub_(rows, means)

@@ -1,0 +1,97 @@
+"""This stack's fixes, in one place (torch 2.13, mmengine 0.10.7, mmdet 3.3).
+
+- torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine's
+  checkpoints carry a few non-tensor types (the message hub's HistoryBuffer,
+  numpy scalars and arrays). They are allow-listed here; the safety itself
+  stays on.
+- ``torchvision://NAME`` init_cfg URLs are resolved from mmengine's own
+  table when torchvision is not installed (there is no CPU torchvision here).
+- mmengine's distributed init calls ``torch.cuda.set_device`` and its DDP
+  wrapper passes CUDA ``device_ids``; on a machine without CUDA,
+  :func:`setup_distributed` starts the process group with gloo itself and
+  builds DDP for CPU modules.
+"""
+import importlib.util
+import json
+import logging
+import os
+import os.path as osp
+
+import numpy as np
+import torch
+from mmengine.logging import print_log
+
+
+def checkpoint_safe_globals() -> list:
+    """The non-tensor types found in mmengine checkpoints."""
+    from mmengine.logging import HistoryBuffer
+    dtypes = [type(np.dtype(name)) for name in (
+        'float64', 'float32', 'float16', 'int64', 'int32', 'int16', 'int8',
+        'uint8', 'bool')]
+    return [
+        HistoryBuffer, np.ndarray, np.dtype, np._core.multiarray._reconstruct,
+        np._core.multiarray.scalar, *dtypes
+    ]
+
+
+def _load_from_torchvision(filename, map_location=None):
+    from mmengine.runner.checkpoint import load_from_http
+    import mmengine
+    name = filename.split('://', 1)[1]
+    with open(osp.join(mmengine.__path__[0], 'hub',
+                       'torchvision_0.12.json')) as f:
+        urls = json.load(f)
+    if name not in urls:
+        raise KeyError(
+            f'{filename}: unknown torchvision model {name!r} (torchvision is '
+            'not installed, so only the ImageNet weights listed in '
+            "mmengine/hub/torchvision_0.12.json resolve). Known: "
+            f"{', '.join(sorted(urls))}. Or set init_cfg.checkpoint to a "
+            'local path or URL.')
+    return load_from_http(urls[name], map_location=map_location)
+
+
+def apply() -> None:
+    """Apply the fixes that are safe at import time (idempotent)."""
+    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    if importlib.util.find_spec('torchvision') is None:
+        from mmengine.runner import CheckpointLoader
+        CheckpointLoader.register_scheme(
+            prefixes=('torchvision://', 'modelzoo://'),
+            loader=_load_from_torchvision,
+            force=True)
+
+
+def setup_distributed(cfg, launcher: str) -> None:
+    """Prepare ``cfg`` (and the process group) for a run without CUDA.
+
+    With CUDA, nothing changes. Without it, a 'nccl' backend becomes 'gloo',
+    the process group is initialized here (mmengine's init would call
+    torch.cuda.set_device) and DDP is built for CPU modules (no device_ids).
+    """
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    dist_cfg = cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
+    if dist_cfg.get('backend', 'nccl') == 'nccl':
+        print_log('No CUDA: distributed training uses the gloo backend.',
+                  logger='current', level=logging.INFO)
+        dist_cfg['backend'] = 'gloo'
+    wrapper_cfg = cfg.get('model_wrapper_cfg') or dict(
+        type='MMDistributedDataParallel')
+    wrapper_cfg.setdefault('device_ids', None)
+    cfg.model_wrapper_cfg = wrapper_cfg
+    if launcher != 'pytorch':
+        raise ValueError(
+            f'launcher={launcher!r} without CUDA is not supported; use '
+            'tools/dist_train.sh (torchrun, launcher=pytorch)')
+    if not torch.distributed.is_initialized():
+        options = {k: v for k, v in dist_cfg.items() if k != 'backend'}
+        if 'timeout' in options:
+            import datetime
+            options['timeout'] = datetime.timedelta(
+                seconds=options['timeout'])
+        torch.distributed.init_process_group(
+            backend=dist_cfg['backend'],
+            rank=int(os.environ['RANK']),
+            world_size=int(os.environ['WORLD_SIZE']),
+            **options)

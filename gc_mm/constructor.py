@@ -1,0 +1,160 @@
+"""An optim-wrapper constructor with per-layer control of GC.
+
+It does everything :class:`mmengine.optim.DefaultOptimWrapperConstructor`
+does with ``paramwise_cfg`` (lr/decay multipliers, ``custom_keys``, ...) and
+reads one more key, ``gc``, that switches GC per parameter by name::
+
+    optim_wrapper = dict(
+        constructor='GCOptimWrapperConstructor',
+        optimizer=dict(type='SGD_GC', lr=0.02, momentum=0.9,
+                       weight_decay=1e-4),
+        paramwise_cfg=dict(
+            norm_decay_mult=0.,
+            gc=dict(include=['backbone', 'neck'],  # regexes; default: all
+                    exclude=['rpn_head'],          # regexes
+                    mode='conv')))                 # default: the optimizer's
+
+A parameter whose name matches ``include`` (all do, if it is not given) and
+no ``exclude`` pattern gets GC in ``mode``; every other one gets none. The
+result is a ``gc_mode`` entry in each param group, read by the GC optimizers
+and by GCOptimWrapper. Param groups with identical settings are merged, so
+the optimizer sees a few groups rather than one per tensor.
+"""
+import logging
+import re
+from typing import Dict, List, Optional
+
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+from .centralize import check_gc_mode, is_centralized
+from .optim_wrapper import CentralizeGradsMixin
+from .optimizers import GCOptimizer
+
+_GC_KEYS = ('include', 'exclude', 'mode')
+_UNSET = object()
+
+
+def applied_gc_mode(optim_wrapper: OptimWrapper,
+                    group: dict) -> Optional[str]:
+    """The GC mode the wrapper or its optimizer applies to a param group."""
+    if isinstance(optim_wrapper, CentralizeGradsMixin):
+        wrapper_mode = optim_wrapper.group_gc_mode(group)
+        if wrapper_mode is not None:
+            return wrapper_mode
+    if isinstance(optim_wrapper.optimizer, GCOptimizer):
+        return group['gc_mode']
+    return None
+
+
+def _patterns(gc_cfg: dict, key: str) -> List[re.Pattern]:
+    patterns = gc_cfg.get(key, [])
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    try:
+        return [re.compile(pattern) for pattern in patterns]
+    except (TypeError, re.error) as error:
+        raise ValueError(f'paramwise_cfg.gc.{key} must be a list of regular '
+                         f'expressions, got {patterns!r}: {error}') from None
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
+    """DefaultOptimWrapperConstructor plus ``paramwise_cfg.gc`` (see the
+    module docstring). It logs once how many tensors and parameters get GC
+    and warns about rows of length 1, which GC would freeze."""
+
+    def __init__(self,
+                 optim_wrapper_cfg: dict,
+                 paramwise_cfg: Optional[dict] = None):
+        super().__init__(optim_wrapper_cfg, paramwise_cfg)
+        gc_cfg = self.paramwise_cfg.get('gc', {})
+        if not isinstance(gc_cfg, dict):
+            raise TypeError(f'paramwise_cfg.gc must be a dict, got {gc_cfg!r}')
+        unknown = set(gc_cfg) - set(_GC_KEYS)
+        if unknown:
+            raise ValueError(f'paramwise_cfg.gc got unknown keys '
+                             f'{sorted(unknown)}; it takes {_GC_KEYS}')
+        self.gc_include = _patterns(gc_cfg, 'include')
+        self.gc_exclude = _patterns(gc_cfg, 'exclude')
+        self.gc_mode = (check_gc_mode(gc_cfg['mode'], 'paramwise_cfg.gc.mode')
+                        if 'mode' in gc_cfg else _UNSET)
+        self.has_gc_cfg = bool(gc_cfg)
+
+    def _gc_mode_for(self, name: str):
+        """``gc_mode`` for a parameter name, or _UNSET to keep the default."""
+        included = (not self.gc_include
+                    or any(p.search(name) for p in self.gc_include))
+        if not included or any(p.search(name) for p in self.gc_exclude):
+            return None
+        return self.gc_mode
+
+    def add_params(self,
+                   params: List[dict],
+                   module: nn.Module,
+                   prefix: str = '',
+                   is_dcn_module=None) -> None:
+        super().add_params(params, module, prefix, is_dcn_module)
+        if prefix:
+            return  # a recursive call: the top-level one finishes the groups
+        names = {id(p): name for name, p in module.named_parameters()}
+        for group in params:
+            gc_mode = self._gc_mode_for(names[id(group['params'][0])])
+            if gc_mode is not _UNSET:
+                group['gc_mode'] = gc_mode
+        params[:] = _merge_groups(params)
+
+    def __call__(self, model: nn.Module) -> OptimWrapper:
+        optim_wrapper = super().__call__(model)
+        module = model.module if hasattr(model, 'module') else model
+        self._log_gc(optim_wrapper, module)
+        return optim_wrapper
+
+    def _log_gc(self, optim_wrapper: OptimWrapper, model: nn.Module) -> None:
+        names = {id(p): name for name, p in model.named_parameters()}
+        n_tensors = n_params = gc_tensors = gc_params = 0
+        frozen_rows = []
+        for group in optim_wrapper.optimizer.param_groups:
+            gc_mode = applied_gc_mode(optim_wrapper, group)
+            for param in group['params']:
+                n_tensors += 1
+                n_params += param.numel()
+                if is_centralized(param, gc_mode):
+                    gc_tensors += 1
+                    gc_params += param.numel()
+                    if param.numel() == param.shape[0]:
+                        frozen_rows.append(names.get(id(param), '?'))
+        if self.has_gc_cfg and gc_tensors == 0:
+            print_log(
+                'paramwise_cfg.gc has no effect: neither the optimizer '
+                f'({type(optim_wrapper.optimizer).__name__}) nor the wrapper '
+                f'({type(optim_wrapper).__name__}) applies GC with these '
+                'settings.',
+                logger='current',
+                level=logging.WARNING)
+        print_log(
+            f'Gradient Centralization on {gc_tensors} of {n_tensors} '
+            f'parameter tensors ({gc_params:,} of {n_params:,} parameters)',
+            logger='current')
+        if frozen_rows:
+            print_log(
+                'GC makes the gradient of a row of length 1 exactly zero, so '
+                f'these weights will not train: {", ".join(frozen_rows)}. '
+                "Exclude them with paramwise_cfg.gc.exclude or use mode='conv'.",
+                logger='current',
+                level=logging.WARNING)
+
+
+def _merge_groups(groups: List[dict]) -> List[dict]:
+    """Merge param groups whose settings are identical (first-seen order)."""
+    merged: Dict[str, dict] = {}
+    for group in groups:
+        options = {k: v for k, v in group.items() if k != 'params'}
+        key = repr(sorted(options.items()))
+        if key in merged:
+            merged[key]['params'].extend(group['params'])
+        else:
+            merged[key] = dict(options, params=list(group['params']))
+    return list(merged.values())

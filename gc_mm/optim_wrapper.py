@@ -1,0 +1,168 @@
+"""Optim wrappers that add Gradient Centralization to any optimizer.
+
+``GCOptimWrapper`` centralizes the gradients right before the wrapped
+optimizer's step, so torch SGD/AdamW or a third-party optimizer train with
+GC. ``AmpGCOptimWrapper`` does the same after the AMP loss scaler has
+unscaled the gradients. Both apply GC once per real update: with
+``accumulative_counts`` the gradients are centralized only when they are
+applied, never per micro-batch.
+
+Example::
+
+    optim_wrapper = dict(
+        type='GCOptimWrapper', gc_mode='conv_fc',
+        optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
+        clip_grad=dict(max_norm=35, norm_type=2))
+"""
+from typing import Optional, Union
+
+import torch
+from mmengine.optim import AmpOptimWrapper, OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS
+from torch.optim import Optimizer
+
+from .centralize import centralize_, check_gc_mode
+from .optimizers import GCOptimizer
+
+GC_ORDERS = ('clip_then_gc', 'gc_then_clip')
+
+
+class CentralizeGradsMixin:
+    """GC of the gradients in the wrapper, shared by both wrappers."""
+
+    optimizer: Optimizer
+
+    def _setup_gc(self, gc_mode: Optional[str], gc_order: str) -> None:
+        check_gc_mode(gc_mode)
+        if gc_order not in GC_ORDERS:
+            raise ValueError(f'gc_order must be one of {GC_ORDERS}, got '
+                             f'{gc_order!r}')
+        if (gc_mode is not None and isinstance(self.optimizer, GCOptimizer)
+                and any(group['gc_mode'] is not None
+                        for group in self.optimizer.param_groups)):
+            raise ValueError(
+                f'{type(self).__name__}(gc_mode={gc_mode!r}) would centralize '
+                f'twice: {type(self.optimizer).__name__} already applies GC. '
+                'Set gc_mode=None on the wrapper or on the optimizer.')
+        self.gc_mode = gc_mode
+        self.gc_order = gc_order
+
+    def group_gc_mode(self, group: dict) -> Optional[str]:
+        """The GC this wrapper applies to a param group's gradients.
+
+        A param group's ``gc_mode`` (set by GCOptimWrapperConstructor) wins
+        over the wrapper's, except for a GC optimizer, whose groups'
+        ``gc_mode`` is its own GC (off here, else __init__ raised).
+        """
+        if self.gc_mode is None or isinstance(self.optimizer, GCOptimizer):
+            return self.gc_mode
+        return group.get('gc_mode', self.gc_mode)
+
+    def _centralize_grads(self) -> None:
+        for group in self.optimizer.param_groups:
+            gc_mode = self.group_gc_mode(group)
+            if gc_mode is not None:
+                centralize_([p.grad for p in group['params']
+                             if p.grad is not None],
+                            conv_only=gc_mode == 'conv')
+
+    def _clip_and_centralize(self) -> None:
+        if self.gc_order == 'gc_then_clip':
+            self._centralize_grads()
+        if self.clip_grad_kwargs:
+            self._clip_grad()
+        if self.gc_order == 'clip_then_gc':
+            self._centralize_grads()
+
+
+@OPTIM_WRAPPERS.register_module()
+class GCOptimWrapper(CentralizeGradsMixin, OptimWrapper):
+    """OptimWrapper that applies GC to the gradients before each update.
+
+    Args:
+        optimizer (Optimizer): the optimizer to wrap (not a GC optimizer with
+            GC on: that would centralize twice).
+        gc_mode (str | None): 'conv_fc' (ndim > 1), 'conv' (ndim > 3) or None;
+            a param group's own ``gc_mode`` overrides it. Defaults to
+            'conv_fc'.
+        gc_order (str): 'clip_then_gc' (clip the raw gradients, then GC, as
+            in the authors' detection runs) or 'gc_then_clip'. Defaults to
+            'clip_then_gc'.
+        **kwargs: the arguments of :class:`mmengine.optim.OptimWrapper`
+            (``accumulative_counts``, ``clip_grad``).
+    """
+
+    def __init__(self,
+                 optimizer: Optimizer,
+                 gc_mode: Optional[str] = 'conv_fc',
+                 gc_order: str = 'clip_then_gc',
+                 **kwargs):
+        super().__init__(optimizer=optimizer, **kwargs)
+        self._setup_gc(gc_mode, gc_order)
+
+    def step(self, **kwargs) -> None:
+        self._clip_and_centralize()
+        self.optimizer.step(**kwargs)
+
+
+@OPTIM_WRAPPERS.register_module()
+class AmpGCOptimWrapper(CentralizeGradsMixin, AmpOptimWrapper):
+    """AmpOptimWrapper that applies GC to the unscaled gradients.
+
+    Unlike mmengine's AmpOptimWrapper it also runs on CPU (bfloat16
+    autocast with ``torch.amp.GradScaler('cpu')``). A step whose gradients
+    are not finite is skipped by the loss scaler, GC or not. With
+    ``gc_mode=None`` it is a plain AMP wrapper, which is what
+    ``tools/train.py --amp`` uses when the GC lives in the optimizer.
+
+    Args:
+        optimizer (Optimizer): the optimizer to wrap.
+        gc_mode (str | None): as in :class:`GCOptimWrapper`.
+        gc_order (str): as in :class:`GCOptimWrapper`.
+        loss_scale (str | float | dict): 'dynamic', a static scale, or
+            GradScaler's arguments. Defaults to 'dynamic'.
+        dtype (str | torch.dtype, optional): autocast dtype. Defaults to
+            float16 on CUDA and bfloat16 on CPU.
+        **kwargs: the arguments of :class:`mmengine.optim.OptimWrapper`.
+    """
+
+    def __init__(self,
+                 optimizer: Optimizer,
+                 gc_mode: Optional[str] = 'conv_fc',
+                 gc_order: str = 'clip_then_gc',
+                 loss_scale: Union[str, float, dict] = 'dynamic',
+                 dtype: Union[str, torch.dtype, None] = None,
+                 **kwargs):
+        # AmpOptimWrapper.__init__ refuses to run without an accelerator and
+        # builds a CUDA-only scaler; set up the scaler for the parameters'
+        # device instead.
+        OptimWrapper.__init__(self, optimizer=optimizer, **kwargs)
+        device = next((p.device.type for group in optimizer.param_groups
+                       for p in group['params']), 'cpu')
+        self._scale_update_param = None
+        if loss_scale == 'dynamic':
+            self.loss_scaler = torch.amp.GradScaler(device)
+        elif isinstance(loss_scale, float):
+            self._scale_update_param = loss_scale
+            self.loss_scaler = torch.amp.GradScaler(
+                device, init_scale=loss_scale)
+        elif isinstance(loss_scale, dict):
+            self.loss_scaler = torch.amp.GradScaler(device, **loss_scale)
+        else:
+            raise TypeError("loss_scale must be 'dynamic', a float or a "
+                            f'dict, got {loss_scale!r}')
+        if isinstance(dtype, str):
+            if dtype not in self.valid_dtypes:
+                raise ValueError(f'dtype must be one of {self.valid_dtypes}, '
+                                 f'got {dtype!r}')
+            dtype = getattr(torch, dtype)
+        self.cast_dtype = dtype
+        self._setup_gc(gc_mode, gc_order)
+
+    def step(self, **kwargs) -> None:
+        # Unscale first so that clipping and GC see the true gradients;
+        # GradScaler.step then skips the update if any of them is inf/nan.
+        self.loss_scaler.unscale_(self.optimizer)
+        self._clip_and_centralize()
+        self.loss_scaler.step(self.optimizer, **kwargs)
+        self.loss_scaler.update(self._scale_update_param)

@@ -1,0 +1,178 @@
+"""Adam and the authors' AdamW with Gradient Centralization.
+
+Update rules (t = step, bc1 = 1 - b1^t, bc2 = 1 - b2^t, P = GC under the
+optimizer's gc_mode, v is max(v) over time with amsgrad)::
+
+    Adam_GC / Adam_GCC:      g' = P(g + wd * w)
+                             m = b1 m + (1 - b1) g';  v = b2 v + (1 - b2) g'^2
+                             w = w - (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+    Adam_GC2 / Adam_GCC2:    moments from g + wd * w (not centralized);
+                             w = w - P((lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps))
+    AdamW_GC / AdamW_GCC:    moments from P(g);
+                             w = w - lr sqrt(bc2) / bc1 * (wd w + m / (sqrt(v) + eps))
+    AdamW_GC2 / AdamW_GCC2:  moments from g;
+                             w = w - P(lr sqrt(bc2) / bc1 * (wd w + m / (sqrt(v) + eps)))
+
+The AdamW here is the authors' (decay scaled by sqrt(bc2)/bc1, eps added to
+the uncorrected sqrt(v)), not ``torch.optim.AdamW``. The "2" variants
+centralize the update instead of the gradient, which keeps each row's mean
+weight fixed; the authors recommend them for adaptive optimizers.
+
+Example::
+
+    optim_wrapper = dict(optimizer=dict(
+        type='AdamW_GC2', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05))
+"""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+from mmengine.registry import OPTIMIZERS
+from torch import Tensor
+
+from ..centralize import centralize_, is_centralized
+from .base import CLASS_RULE, GCOptimizer, check_betas, check_non_negative
+
+
+class _AdamBase(GCOptimizer):
+    """Adam-family optimizer with GC (Yong et al., ECCV 2020).
+
+    Args:
+        params: parameters or param-group dicts to optimize.
+        lr (float): learning rate. Defaults to 1e-3.
+        betas (tuple[float, float]): moment coefficients, each in [0, 1).
+            Defaults to (0.9, 0.999).
+        eps (float): added to the denominator. Defaults to 1e-8.
+        weight_decay (float): L2 factor (coupled for Adam_*, decoupled for
+            AdamW_*). Defaults to 0.
+        amsgrad (bool): use the running maximum of the second moment.
+            Defaults to False.
+        gc_mode (str | None): 'conv_fc', 'conv' or None (GC off); defaults to
+            the class's rule. A param group may set its own.
+    """
+
+    # The authors' AdamW: decay added to the update, scaled by sqrt(bc2)/bc1.
+    decoupled_weight_decay = False
+    # "2" variants: centralize the final update rather than the gradient.
+    centralize_update = False
+
+    def __init__(self,
+                 params,
+                 lr: float = 1e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8,
+                 weight_decay: float = 0.,
+                 amsgrad: bool = False,
+                 gc_mode: Optional[str] = CLASS_RULE):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            gc_mode=gc_mode)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict) -> None:
+        check_non_negative(group, 'lr', 'eps', 'weight_decay')
+        check_betas(group)
+
+    def _update_tensor(self, param: Tensor, grad: Tensor,
+                       state: Dict[str, Tensor], group: dict) -> None:
+        lr, eps, weight_decay = group['lr'], group['eps'], group[
+            'weight_decay']
+        beta1, beta2 = group['betas']
+        gc_mode = group['gc_mode']
+        centralized = is_centralized(param, gc_mode)
+        if not state:
+            state['step'] = 0
+            state['exp_avg'] = torch.zeros_like(param)
+            state['exp_avg_sq'] = torch.zeros_like(param)
+            if group['amsgrad']:
+                state['max_exp_avg_sq'] = torch.zeros_like(param)
+        state['step'] += 1
+        bias_correction1 = 1 - beta1**state['step']
+        bias_correction2 = 1 - beta2**state['step']
+
+        if weight_decay and not self.decoupled_weight_decay:
+            grad.add_(param, alpha=weight_decay)
+        if centralized and not self.centralize_update:
+            centralize_([grad], conv_only=gc_mode == 'conv')
+        exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        second_moment = exp_avg_sq
+        if group['amsgrad']:
+            second_moment = torch.maximum(
+                state['max_exp_avg_sq'], exp_avg_sq,
+                out=state['max_exp_avg_sq'])
+
+        if self.decoupled_weight_decay:
+            step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+            update = exp_avg / second_moment.sqrt().add_(eps)
+            if weight_decay:
+                update.add_(param, alpha=weight_decay)
+        else:
+            step_size = lr / bias_correction1
+            denom = second_moment.sqrt().div_(
+                math.sqrt(bias_correction2)).add_(eps)
+            update = exp_avg / denom
+        if centralized and self.centralize_update:
+            centralize_([update], conv_only=gc_mode == 'conv')
+        param.add_(update, alpha=-step_size)
+
+
+@OPTIMIZERS.register_module()
+class Adam_GC(_AdamBase):
+    __doc__ = _AdamBase.__doc__ + "\n    Adam, coupled L2, GC of the gradient, conv and fc."
+    default_gc_mode = 'conv_fc'
+
+
+@OPTIMIZERS.register_module()
+class Adam_GCC(_AdamBase):
+    __doc__ = _AdamBase.__doc__ + "\n    Adam, coupled L2, GC of the gradient, conv only."
+    default_gc_mode = 'conv'
+
+
+@OPTIMIZERS.register_module()
+class Adam_GC2(_AdamBase):
+    __doc__ = _AdamBase.__doc__ + "\n    Adam, coupled L2, GC of the update, conv and fc."
+    default_gc_mode = 'conv_fc'
+    centralize_update = True
+
+
+@OPTIMIZERS.register_module()
+class Adam_GCC2(_AdamBase):
+    __doc__ = _AdamBase.__doc__ + "\n    Adam, coupled L2, GC of the update, conv only."
+    default_gc_mode = 'conv'
+    centralize_update = True
+
+
+@OPTIMIZERS.register_module()
+class AdamW_GC(_AdamBase):
+    __doc__ = _AdamBase.__doc__ + "\n    The authors' AdamW, GC of the gradient, conv and fc."
+    default_gc_mode = 'conv_fc'
+    decoupled_weight_decay = True
+
+
+@OPTIMIZERS.register_module()
+class AdamW_GCC(_AdamBase):
+    __doc__ = _AdamBase.__doc__ + "\n    The authors' AdamW, GC of the gradient, conv only."
+    default_gc_mode = 'conv'
+    decoupled_weight_decay = True
+
+
+@OPTIMIZERS.register_module()
+class AdamW_GC2(_AdamBase):
+    __doc__ = _AdamBase.__doc__ + "\n    The authors' AdamW, GC of the update, conv and fc."
+    default_gc_mode = 'conv_fc'
+    decoupled_weight_decay = True
+    centralize_update = True
+
+
+@OPTIMIZERS.register_module()
+class AdamW_GCC2(_AdamBase):
+    __doc__ = _AdamBase.__doc__ + "\n    The authors' AdamW, GC of the update, conv only."
+    default_gc_mode = 'conv'
+    decoupled_weight_decay = True
+    centralize_update = True

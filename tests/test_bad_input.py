@@ -1,0 +1,75 @@
+"""Bad optimizer input is refused early, with the culprit named."""
+import pytest
+import torch
+from mmengine.registry import OPTIMIZERS
+
+import gc_mm  # noqa: F401
+from reference import ADAGRAD_NAMES, ADAM_NAMES, ALL_NAMES, SGD_NAMES
+
+
+def build(name, **kwargs):
+    params = [torch.nn.Parameter(torch.randn(4, 3, 3, 3))]
+    return OPTIMIZERS.build(dict(type=name, params=params, **kwargs))
+
+
+BAD = [(name, kwargs, match) for names, cases in [
+    (ALL_NAMES, [(dict(lr=-0.1), 'lr'), (dict(weight_decay=-1.), 'weight_decay'),
+                 (dict(gc_mode='fc'), 'gc_mode'), (dict(lr='0.1'), 'lr')]),
+    (SGD_NAMES, [(dict(momentum=-0.9), 'momentum'),
+                 (dict(nesterov=True), 'nesterov'),
+                 (dict(nesterov=True, momentum=0.9, dampening=0.1), 'nesterov')]),
+    (ADAM_NAMES, [(dict(eps=-1e-8), 'eps'), (dict(betas=(0.9, 1.0)), 'betas'),
+                  (dict(betas=(-0.1, 0.99)), 'betas'), (dict(betas=0.9), 'betas')]),
+    (ADAGRAD_NAMES, [(dict(eps=-1.), 'eps'), (dict(lr_decay=-1.), 'lr_decay'),
+                     (dict(initial_accumulator_value=-1.),
+                      'initial_accumulator_value')]),
+] for name in names for kwargs, match in cases]
+
+
+@pytest.mark.parametrize('name,kwargs,match', BAD)
+def test_bad_hyper_parameter_names_the_parameter(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(name, **kwargs)
+
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_unknown_keyword_is_refused(name):
+    with pytest.raises(TypeError, match='momentun'):
+        build(name, momentun=0.9)
+
+
+def test_bad_param_group_is_refused_and_leaves_optimizer_unchanged():
+    opt = build('SGD_GC', lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match='lr'):
+        opt.add_param_group({'params': [torch.nn.Parameter(torch.zeros(2))],
+                             'lr': -1})
+    with pytest.raises(ValueError, match='gc_mode'):
+        opt.add_param_group({'params': [torch.nn.Parameter(torch.zeros(2))],
+                             'gc_mode': 'all'})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_sparse_gradient_is_refused_before_any_update(name):
+    dense = torch.nn.Parameter(torch.randn(3, 4))
+    sparse = torch.nn.Parameter(torch.randn(5, 2))
+    opt = OPTIMIZERS.build(dict(type=name, params=[dense, sparse], lr=0.1))
+    dense.grad = torch.randn(3, 4)
+    sparse.grad = torch.randn(5, 2).to_sparse()
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match='sparse gradient'):
+        opt.step()
+    assert torch.equal(dense, before)
+
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_non_finite_gradient_does_not_crash(name):
+    """Documented behaviour without AMP: the step runs, and GC spreads a
+    non-finite entry over its row (under AMP the scaler skips the step)."""
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    opt = OPTIMIZERS.build(dict(type=name, params=[w], lr=0.1))
+    w.grad = torch.ones(3, 4)
+    w.grad[1, 0] = float('inf')
+    opt.step()
+    assert torch.isfinite(w[0]).all() and torch.isfinite(w[2]).all()
+    assert not torch.isfinite(w[1]).all()

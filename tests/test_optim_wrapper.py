@@ -1,0 +1,239 @@
+"""GCOptimWrapper and AmpGCOptimWrapper: GC once per real update, after
+unscaling, in a defined order with clipping, built from config dicts."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.optim import build_optim_wrapper
+
+import gc_mm
+from gc_mm import AmpGCOptimWrapper, GCOptimWrapper
+from reference import project
+
+
+class TinyNet(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def batch(seed):
+    torch.manual_seed(seed)
+    return torch.randn(2, 3, 6, 6)
+
+
+def loss_of(model, x):
+    return model(x).pow(2).sum() * 10
+
+
+def raw_grads(model, xs, scale=1.0):
+    """Gradients of the summed losses, computed without any wrapper."""
+    probe = TinyNet()
+    probe.load_state_dict(model.state_dict())
+    for x in xs:
+        (loss_of(probe, x) * scale).backward()
+    return {n: p.grad.detach().double().numpy()
+            for n, p in probe.named_parameters()}
+
+
+def weights(model):
+    return {n: p.detach().double().numpy().copy()
+            for n, p in model.named_parameters()}
+
+
+def test_wrapper_equals_sgd_gc_without_decay():
+    plain, wrapped = TinyNet(), TinyNet()
+    sgd_gc = build_optim_wrapper(
+        plain, dict(optimizer=dict(type='SGD_GC', lr=0.1, momentum=0.9)))
+    gc_wrapper = build_optim_wrapper(
+        wrapped,
+        dict(type='GCOptimWrapper',
+             optimizer=dict(type='SGD', lr=0.1, momentum=0.9)))
+    assert isinstance(gc_wrapper, GCOptimWrapper)
+    for seed in range(3):
+        for model, wrapper in ((plain, sgd_gc), (wrapped, gc_wrapper)):
+            wrapper.update_params(loss_of(model, batch(seed)))
+    for (name, a), b in zip(plain.named_parameters(), wrapped.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_wrapper_gc_is_of_the_raw_gradient_before_torch_decay():
+    """Around torch SGD, the decay is added after GC: w -= lr (P(g) + wd w)."""
+    model = TinyNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='GCOptimWrapper',
+             optimizer=dict(type='SGD', lr=0.1, weight_decay=0.5)))
+    before, x = weights(model), batch(0)
+    grads = raw_grads(model, [x])
+    wrapper.update_params(loss_of(model, x))
+    after = weights(model)
+    for name in before:
+        want = before[name] - 0.1 * (project(grads[name], 'conv_fc') +
+                                     0.5 * before[name])
+        np.testing.assert_allclose(after[name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_centralizes_once_per_real_update(monkeypatch):
+    calls = []
+    real = gc_mm.optim_wrapper.centralize_
+
+    def counting(tensors, conv_only=False):
+        calls.append(len(tensors))
+        real(tensors, conv_only)
+
+    monkeypatch.setattr(gc_mm.optim_wrapper, 'centralize_', counting)
+    model = TinyNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='GCOptimWrapper', accumulative_counts=2,
+             optimizer=dict(type='SGD', lr=0.1)))
+    wrapper.initialize_count_status(model, 0, 4)
+    before, xs = weights(model), [batch(0), batch(1)]
+    grads = raw_grads(model, xs, scale=0.5)  # mmengine averages the losses
+    wrapper.update_params(loss_of(model, xs[0]))
+    assert calls == []
+    # Between micro-batches the gradient is the raw one, not centralized.
+    conv_grad = model.conv.weight.grad.double().numpy()
+    assert not np.allclose(project(conv_grad, 'conv_fc'), conv_grad)
+    wrapper.update_params(loss_of(model, xs[1]))
+    assert calls == [4]  # one call, over the group's 4 gradients
+    after = weights(model)
+    for name in before:
+        np.testing.assert_allclose(
+            after[name],
+            before[name] - 0.1 * project(grads[name], 'conv_fc'),
+            rtol=1e-5, atol=1e-6)
+
+
+def _clip(grads, max_norm):
+    norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
+    factor = min(1.0, max_norm / (norm + 1e-6))
+    return {n: g * factor for n, g in grads.items()}
+
+
+@pytest.mark.parametrize('gc_order', ['clip_then_gc', 'gc_then_clip'])
+def test_clip_order(gc_order):
+    model = TinyNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='GCOptimWrapper', gc_order=gc_order,
+             clip_grad=dict(max_norm=0.5),
+             optimizer=dict(type='SGD', lr=0.1)))
+    before, x = weights(model), batch(0)
+    grads = raw_grads(model, [x])
+    wrapper.update_params(loss_of(model, x))
+    centralize = {n: project(g, 'conv_fc') for n, g in grads.items()}
+    if gc_order == 'clip_then_gc':
+        direction = {n: project(g, 'conv_fc')
+                     for n, g in _clip(grads, 0.5).items()}
+    else:
+        direction = _clip(centralize, 0.5)
+    other = (_clip(centralize, 0.5) if gc_order == 'clip_then_gc' else {
+        n: project(g, 'conv_fc') for n, g in _clip(grads, 0.5).items()})
+    after = weights(model)
+    for name in before:
+        np.testing.assert_allclose(after[name],
+                                   before[name] - 0.1 * direction[name],
+                                   rtol=1e-5, atol=1e-6)
+    # The two orders really differ here, so the test tells them apart.
+    assert not np.allclose(direction['conv.weight'], other['conv.weight'])
+
+
+def test_amp_wrapper_centralizes_unscaled_gradients_on_cpu():
+    model = TinyNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='AmpGCOptimWrapper', loss_scale=1024.,
+             clip_grad=dict(max_norm=1e6),
+             optimizer=dict(type='SGD', lr=0.1)))
+    assert isinstance(wrapper, AmpGCOptimWrapper)
+    assert wrapper.loss_scaler.get_scale() == 1024.
+    before, x = weights(model), batch(0)
+    grads = raw_grads(model, [x])
+    wrapper.update_params(loss_of(model, x))
+    after = weights(model)
+    for name in before:
+        np.testing.assert_allclose(
+            after[name], before[name] - 0.1 * project(grads[name], 'conv_fc'),
+            rtol=1e-4, atol=1e-5)
+    # The clipped norm mmengine logs is the unscaled one.
+    norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
+    logged = wrapper.message_hub.get_scalar('train/grad_norm').current()
+    assert logged == pytest.approx(norm, rel=1e-4)
+
+
+def test_amp_wrapper_skips_non_finite_step_and_lowers_scale():
+    model = TinyNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='AmpGCOptimWrapper',
+             optimizer=dict(type='SGD', lr=0.1, momentum=0.9)))
+    scale = wrapper.loss_scaler.get_scale()
+    before = weights(model)
+    wrapper.update_params(loss_of(model, batch(0)) * float('inf'))
+    after = weights(model)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    assert wrapper.loss_scaler.get_scale() < scale
+
+
+def test_amp_wrapper_runs_autocast_on_cpu_in_bfloat16():
+    model = TinyNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='AmpGCOptimWrapper', optimizer=dict(type='SGD', lr=0.1)))
+    with wrapper.optim_context(model):
+        out = model(batch(0))
+    assert out.dtype == torch.bfloat16
+
+
+def test_amp_wrapper_state_dict_round_trip():
+    model = TinyNet()
+    cfg = dict(type='AmpGCOptimWrapper', loss_scale=dict(init_scale=256.),
+               optimizer=dict(type='SGD', lr=0.1, momentum=0.9))
+    wrapper = build_optim_wrapper(model, cfg)
+    wrapper.update_params(loss_of(model, batch(0)))
+    state = wrapper.state_dict()
+    assert 'loss_scaler' in state
+    other = build_optim_wrapper(TinyNet(), cfg)
+    other.load_state_dict(state)
+    assert other.loss_scaler.get_scale() == wrapper.loss_scaler.get_scale()
+
+
+@pytest.mark.parametrize('wrapper_type', ['GCOptimWrapper',
+                                          'AmpGCOptimWrapper'])
+def test_wrapper_refuses_double_gc(wrapper_type):
+    with pytest.raises(ValueError, match='centralize twice'):
+        build_optim_wrapper(
+            TinyNet(),
+            dict(type=wrapper_type, optimizer=dict(type='SGD_GC', lr=0.1)))
+    # With the optimizer's GC off, the wrapper's GC is the only one.
+    build_optim_wrapper(
+        TinyNet(),
+        dict(type=wrapper_type,
+             optimizer=dict(type='SGD_GC', lr=0.1, gc_mode=None)))
+    # With the wrapper's GC off, it is a plain (AMP) wrapper around SGD_GC.
+    build_optim_wrapper(
+        TinyNet(),
+        dict(type=wrapper_type, gc_mode=None,
+             optimizer=dict(type='SGD_GC', lr=0.1)))
+
+
+@pytest.mark.parametrize('bad,match', [
+    (dict(gc_mode='fc'), 'gc_mode'),
+    (dict(gc_order='first'), 'gc_order'),
+    (dict(loss_scale='static'), 'loss_scale'),
+])
+def test_wrapper_bad_arguments(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build_optim_wrapper(
+            TinyNet(),
+            dict(type='AmpGCOptimWrapper', optimizer=dict(type='SGD', lr=0.1),
+                 **bad))

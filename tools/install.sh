@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up .venv/ with gc_mm and its stack (torch 2.13 CPU, mmengine, mmcv
+# 2.1.0 built with its ops, mmdet 3.3, pycocotools, pytest).
+# The first run builds mmcv (about 20 minutes on 2 cores); pip caches the
+# wheel, so later runs take seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+
+pip install -q "setuptools>=77,<82" wheel ninja torch==2.13.0 numpy
+if ! .venv/bin/python -c 'import mmcv.ops' 2>/dev/null; then
+    echo "Installing mmcv 2.1.0 with its ops (a fresh machine builds it once, ~20 min)..."
+    # Without --no-build-isolation the build silently yields no ops.
+    MMCV_WITH_OPS=1 pip install --no-build-isolation mmcv==2.1.0
+fi
+pip install -q --no-build-isolation -e ".[tests]"
+.venv/bin/python -c 'import gc_mm, mmdet, mmcv.ops; print("gc_mm", gc_mm.__version__, "| mmdet", mmdet.__version__, "| mmcv", mmcv.__version__)'

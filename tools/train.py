@@ -1,0 +1,140 @@
+# Train a detector: MMDetection 3.3's tools/train.py with gc_mm imported,
+# checks before the run, CPU (gloo) distributed training, and --amp that
+# keeps GC.
+import argparse
+import os
+import os.path as osp
+import sys
+
+from mmengine.config import Config, DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+import gc_mm  # noqa: F401  (registers gc_mm, applies the compat fixes)
+from gc_mm.checks import ConfigError, check_before_run
+from gc_mm.compat import setup_distributed
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Train a detector')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        default=False,
+        help='enable automatic-mixed-precision training (keeps GC)')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='enable automatically scaling LR.')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='If specify checkpoint path, resume from it, while if not '
+        'specify, try to auto resume from the latest checkpoint '
+        'in the work directory.')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # When using PyTorch version >= 2.0.0, the `torch.distributed.launch`
+    # will pass the `--local-rank` parameter to `tools/train.py` instead
+    # of `--local_rank`.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def enable_amp(cfg: Config) -> None:
+    """--amp: switch to an AMP wrapper without losing GC.
+
+    mmdet's train.py replaces the wrapper type with AmpOptimWrapper, which
+    would drop a GCOptimWrapper's GC and does not run on CPU.
+    AmpGCOptimWrapper keeps the wrapper's GC (gc_mode=None when the GC is in
+    the optimizer, which then sees unscaled gradients) and runs on CPU too.
+    """
+    wrapper = cfg.optim_wrapper
+    wrapper_type = wrapper.get('type', 'OptimWrapper')
+    if wrapper_type in ('AmpOptimWrapper', 'AmpGCOptimWrapper'):
+        print('AMP training is already enabled in your config.')
+    elif wrapper_type == 'GCOptimWrapper':
+        wrapper.type = 'AmpGCOptimWrapper'
+    elif wrapper_type == 'OptimWrapper':
+        wrapper.type = 'AmpGCOptimWrapper'
+        wrapper.gc_mode = None
+    else:
+        raise ConfigError(f'--amp supports OptimWrapper and GCOptimWrapper, '
+                          f'not optim_wrapper.type={wrapper_type!r}')
+    wrapper.setdefault('loss_scale', 'dynamic')
+
+
+def build_config(args) -> Config:
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if args.amp:
+        enable_amp(cfg)
+    if args.auto_scale_lr:
+        if ('auto_scale_lr' in cfg and 'enable' in cfg.auto_scale_lr
+                and 'base_batch_size' in cfg.auto_scale_lr):
+            cfg.auto_scale_lr.enable = True
+        else:
+            raise ConfigError('Can not find "auto_scale_lr" or '
+                              '"auto_scale_lr.enable" or '
+                              '"auto_scale_lr.base_batch_size" in your'
+                              ' configuration file.')
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+    return cfg
+
+
+def main():
+    args = parse_args()
+    try:
+        cfg = build_config(args)
+        check_before_run(cfg)
+    except ConfigError as error:
+        sys.exit(f'error: {error}')
+    setup_distributed(cfg, args.launcher)
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    runner.train()
+
+    if runner.rank == 0:
+        last = osp.join(cfg.work_dir, 'last_checkpoint')
+        checkpoint = open(last).read().strip() if osp.isfile(last) else None
+        print(f'Done. Checkpoint: {checkpoint or "none saved"}\n'
+              f'Logs and config: {runner.log_dir}')
+
+
+if __name__ == '__main__':
+    main()
