@@ -5,6 +5,7 @@
 # so the twin keeps its 2x schedule. With weight standardization dL/dW has
 # zero row means already; GC matters here through the weight decay inside P.
 # Its GC twin is mask_rcnn_r101_gn_ws_gc.py.
-_base_ = 'mmdet::gn+ws/mask-rcnn_r101_fpn_gn-ws-all_2x_coco.py'
+# ('gn/../gn+ws': mmengine 0.10.7 rejects a '+' right after 'mmdet::'.)
+_base_ = 'mmdet::gn/../gn+ws/mask-rcnn_r101_fpn_gn-ws-all_2x_coco.py'
 
 custom_imports = dict(imports=['gc_mm'], allow_failed_imports=False)

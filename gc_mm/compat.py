@@ -6,6 +6,9 @@
   stays on.
 - ``torchvision://NAME`` init_cfg URLs are resolved from mmengine's own
   table when torchvision is not installed (there is no CPU torchvision here).
+- mmengine writes checkpoints straight into their final path, so a run
+  killed mid-write leaves a truncated file that looks like a checkpoint;
+  local writes go to a temporary file that is renamed into place.
 - mmengine's distributed init calls ``torch.cuda.set_device`` and its DDP
   wrapper passes CUDA ``device_ids``; on a machine without CUDA,
   :func:`setup_distributed` starts the process group with gloo itself and
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import os.path as osp
+import tempfile
 
 import numpy as np
 import torch
@@ -51,9 +55,33 @@ def _load_from_torchvision(filename, map_location=None):
     return load_from_http(urls[name], map_location=map_location)
 
 
+def _atomic_put(self, obj, filepath, encoding: str = 'utf-8') -> None:
+    """LocalBackend.put(_text), writing a temporary file renamed into
+    place."""
+    filepath = str(filepath)
+    folder = osp.dirname(osp.abspath(filepath))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
+    try:
+        if isinstance(obj, bytes):
+            with os.fdopen(handle, 'wb') as f:
+                f.write(obj)
+        else:
+            with os.fdopen(handle, 'w', encoding=encoding) as f:
+                f.write(obj)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, filepath)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def apply() -> None:
     """Apply the fixes that are safe at import time (idempotent)."""
+    from mmengine.fileio import LocalBackend
     torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    LocalBackend.put = _atomic_put
+    LocalBackend.put_text = _atomic_put
     if importlib.util.find_spec('torchvision') is None:
         from mmengine.runner import CheckpointLoader
         CheckpointLoader.register_scheme(

@@ -1,0 +1,195 @@
+"""The real tools on real (small) data: train, test, resume, load_from, two
+gloo processes, and bad input refused early."""
+import glob
+import json
+import os
+import os.path as osp
+
+import pytest
+import torch
+
+from conftest import REPO, run_tool
+
+DEMO = osp.join(REPO, 'configs/demo/mask_rcnn_r18_fpn_gc_shapes.py')
+BALLOON_GC = osp.join(REPO, 'configs/finetune/mask_rcnn_r50_gc_balloon.py')
+TRAIN = osp.join(REPO, 'tools/train.py')
+TEST = osp.join(REPO, 'tools/test.py')
+
+# Few images, one epoch, no random flip (so a resumed run can be compared).
+DEMO_SMALL = [
+    'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+    'train_dataloader.dataset.indices=8', 'val_dataloader.dataset.indices=4',
+    'train_dataloader.dataset.pipeline.3.prob=0.0',
+    'randomness.seed=0', 'default_hooks.logger.interval=1'
+]
+
+
+def balloon_small(root):
+    """A 4-image subset of balloon at a small scale, batch 2."""
+    return [
+        f'data_root={root}/', f'train_dataloader.dataset.data_root={root}/',
+        f'val_dataloader.dataset.data_root={root}/',
+        f'test_dataloader.dataset.data_root={root}/',
+        f'val_evaluator.ann_file={root}/val/annotation_coco.json',
+        f'test_evaluator.ann_file={root}/val/annotation_coco.json',
+        'train_dataloader.dataset.indices=4',
+        'val_dataloader.dataset.indices=2',
+        'test_dataloader.dataset.indices=2',
+        'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
+        'test_dataloader.num_workers=0',
+        'train_dataloader.dataset.pipeline.2.scale=(320,256)',
+        'val_dataloader.dataset.pipeline.1.scale=(320,256)',
+        'test_dataloader.dataset.pipeline.1.scale=(320,256)',
+        'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+        'model.backbone.init_cfg=None', 'load_from=None',
+        'default_hooks.logger.interval=1', 'randomness.seed=0'
+    ]
+
+
+def scalars(work_dir):
+    """The training scalars mmengine logged (vis_data/scalars.json)."""
+    [path] = glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json'))
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def checkpoint(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+    """Train the GC demo for one short epoch through tools/train.py."""
+    cwd = tmp_path_factory.mktemp('demo')
+    work_dir = str(cwd / 'work')
+    proc = run_tool([TRAIN, DEMO, '--work-dir', work_dir,
+                     '--cfg-options', *DEMO_SMALL], cwd=cwd)
+    return cwd, work_dir, proc
+
+
+def test_demo_trains_evaluates_and_saves(demo_run):
+    cwd, work_dir, proc = demo_run
+    assert osp.isfile(cwd / 'data/shapes/train/annotation_coco.json')
+    logs = scalars(work_dir)
+    losses = [entry['loss'] for entry in logs if 'loss' in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any('coco/bbox_mAP' in e and 'coco/segm_mAP' in e for e in logs)
+    ckpt = checkpoint(osp.join(work_dir, 'epoch_1.pth'))
+    assert ckpt['meta']['epoch'] == 1 and ckpt['meta']['iter'] == 2
+    assert 'Gradient Centralization on' in proc.stdout
+    assert f'Checkpoint: {work_dir}/epoch_1.pth' in proc.stdout
+
+
+def test_test_py_evaluates_the_checkpoint(demo_run):
+    cwd, work_dir, _ = demo_run
+    proc = run_tool([TEST, DEMO, osp.join(work_dir, 'epoch_1.pth'),
+                     '--work-dir', str(cwd / 'test'), '--cfg-options',
+                     'test_dataloader.dataset.indices=4'], cwd=cwd)
+    assert 'coco/bbox_mAP:' in proc.stdout and 'coco/segm_mAP:' in proc.stdout
+
+
+def test_resume_continues_at_the_right_iteration_with_identical_state(
+        demo_run):
+    """Training 2 epochs in one go equals 1 epoch, then --resume for one
+    more: same iteration count, same weights, same optimizer state."""
+    cwd, work_dir, _ = demo_run
+    two_epochs = [o.replace('max_epochs=1', 'max_epochs=2') for o in
+                  DEMO_SMALL] + ['randomness.deterministic=True']
+    straight = str(cwd / 'straight')
+    run_tool([TRAIN, DEMO, '--work-dir', straight, '--cfg-options',
+              *two_epochs], cwd=cwd)
+    resumed = str(cwd / 'resumed')
+    proc = run_tool([TRAIN, DEMO, '--work-dir', resumed, '--resume',
+                     osp.join(straight, 'epoch_1.pth'), '--cfg-options',
+                     *two_epochs], cwd=cwd)
+    assert 'resumed epoch: 1, iter: 2' in proc.stdout
+    a = checkpoint(osp.join(straight, 'epoch_2.pth'))
+    b = checkpoint(osp.join(resumed, 'epoch_2.pth'))
+    assert a['meta']['iter'] == b['meta']['iter'] == 4
+    for key, value in a['state_dict'].items():
+        torch.testing.assert_close(b['state_dict'][key], value, msg=key)
+    state_a, state_b = a['optimizer']['state'], b['optimizer']['state']
+    assert state_a.keys() == state_b.keys()
+    for index in state_a:
+        torch.testing.assert_close(state_b[index]['momentum_buffer'],
+                                   state_a[index]['momentum_buffer'])
+
+
+def test_amp_keeps_gc(demo_run):
+    cwd, _, _ = demo_run
+    work_dir = str(cwd / 'amp')
+    run_tool([TRAIN, DEMO, '--amp', '--work-dir', work_dir,
+                     '--cfg-options', *DEMO_SMALL,
+                     'train_cfg.val_interval=10'], cwd=cwd)
+    ckpt = checkpoint(osp.join(work_dir, 'epoch_1.pth'))
+    assert 'loss_scaler' in ckpt['optimizer']
+    # The optimizer is still SGD_GC: its groups carry a GC mode.
+    assert ckpt['optimizer']['param_groups'][0]['gc_mode'] == 'conv_fc'
+
+
+@pytest.fixture(scope='module')
+def balloon_run(tmp_path_factory, balloon):
+    cwd = tmp_path_factory.mktemp('balloon')
+    work_dir = str(cwd / 'work')
+    run_tool([TRAIN, BALLOON_GC, '--work-dir', work_dir, '--cfg-options',
+              *balloon_small(balloon)], cwd=cwd)
+    return cwd, work_dir
+
+
+def test_balloon_subset_trains_and_evaluates(balloon_run):
+    _, work_dir = balloon_run
+    logs = scalars(work_dir)
+    losses = [e['loss'] for e in logs if 'loss' in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any('coco/segm_mAP' in e for e in logs)
+    assert osp.getsize(osp.join(work_dir, 'epoch_1.pth')) > 10**6
+
+
+def test_load_from_fine_tunes_from_the_checkpoint(balloon_run, balloon):
+    cwd, work_dir = balloon_run
+    source = osp.join(work_dir, 'epoch_1.pth')
+    tuned = str(cwd / 'tuned')
+    options = [o for o in balloon_small(balloon) if o != 'load_from=None']
+    proc = run_tool([TRAIN, BALLOON_GC, '--work-dir', tuned,
+                     '--cfg-options', *options, f'load_from={source}',
+                     'optim_wrapper.optimizer.lr=0.0'], cwd=cwd)
+    assert f'Load checkpoint from {source}' in proc.stdout
+    # With lr 0 the fine-tuned weights are exactly the loaded ones.
+    a = checkpoint(source)['state_dict']
+    b = checkpoint(osp.join(tuned, 'epoch_1.pth'))['state_dict']
+    for key in ('backbone.layer4.2.conv3.weight', 'roi_head.bbox_head.fc_cls.weight'):
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+
+
+def test_dist_train_two_gloo_processes_end_identical(tmp_path):
+    out = tmp_path / 'ranks'
+    out.mkdir()
+    proc = run_tool(
+        [osp.join(REPO, 'tools/dist_train.sh'), DEMO, '2', '--work-dir',
+         str(tmp_path / 'work'), '--cfg-options', *DEMO_SMALL,
+         'train_cfg.val_interval=10', "custom_imports.imports=['gc_mm',"
+         "'gc_mm.datasets','rank_params_hook']",
+         "custom_hooks=[dict(type='SaveRankParamsHook',out_dir='"
+         f"{out}')]"],
+        cwd=tmp_path, env=dict(PYTHONPATH=osp.join(REPO, 'tests'),
+                               PORT=str(29500 + os.getpid() % 1000)))
+    assert 'gloo' in proc.stdout + proc.stderr
+    rank0 = torch.load(out / 'rank0.pth', weights_only=True)
+    rank1 = torch.load(out / 'rank1.pth', weights_only=True)
+    assert rank0.keys() == rank1.keys() and len(rank0) > 50
+    for key in rank0:
+        torch.testing.assert_close(rank1[key], rank0[key], rtol=0, atol=0)
+    assert int(rank0['iter']) == 1  # 8 images / (2 ranks x batch 4)
+
+
+@pytest.mark.parametrize('option,message', [
+    ('train_dataloader.dataset.data_root=/nonexistent/', 'data_root'),
+    ('optim_wrapper.optimizer.type=SGD_GCX', "Did you mean 'SGD_GC'"),
+])
+def test_train_refuses_bad_config_before_training(option, message, tmp_path):
+    proc = run_tool([TRAIN, BALLOON_GC, '--work-dir', str(tmp_path / 'w'),
+                     '--cfg-options', option], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / 'w').exists() or not glob.glob(
+        str(tmp_path / 'w' / '*.pth'))

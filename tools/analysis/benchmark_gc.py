@@ -1,0 +1,255 @@
+"""Benchmark GC optimizer steps against torch.optim and the authors' loop.
+
+Builds the trainable parameters of a real detector from a config (default
+Mask R-CNN R50-FPN), fills random gradients and times one optimizer step of
+each variant, interleaved, after warm-up; prints medians and ratios and
+writes JSON. ``--e2e N`` also times N training iterations of a config and
+its GC twin through the MMEngine runner.
+
+    python tools/analysis/benchmark_gc.py                       # CPU
+    python tools/analysis/benchmark_gc.py --device cuda
+    python tools/analysis/benchmark_gc.py --config configs/faster_rcnn_x101_64x4d.py
+    python tools/analysis/benchmark_gc.py --e2e 20 --skip-steps
+"""
+import argparse
+import json
+import os.path as osp
+import platform
+import statistics
+import time
+
+import torch
+from mmengine.config import Config
+
+import gc_mm  # noqa: F401
+from gc_mm import GCOptimWrapper
+
+
+def trainable_shapes(config: str):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    cfg = Config.fromfile(config)
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model)
+    return [p.shape for p in model.parameters() if p.requires_grad]
+
+
+class AuthorsSGD_GC(torch.optim.Optimizer):
+    """The authors' SGD_GC, re-implemented as their loop runs: per tensor,
+    in place on the gradient: grad += wd*w, subtract the row mean, momentum,
+    update."""
+
+    def __init__(self, params, lr, momentum=0., weight_decay=0.):
+        super().__init__(params, dict(lr=lr, momentum=momentum,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group['params']:
+                d_p = p.grad
+                if group['weight_decay'] != 0:
+                    d_p.add_(p, alpha=group['weight_decay'])
+                if d_p.dim() > 1:
+                    d_p.add_(-d_p.mean(dim=tuple(range(1, d_p.dim())),
+                                       keepdim=True))
+                state = self.state[p]
+                if 'momentum_buffer' not in state:
+                    buf = state['momentum_buffer'] = d_p.clone()
+                else:
+                    buf = state['momentum_buffer']
+                    buf.mul_(group['momentum']).add_(d_p)
+                p.add_(buf, alpha=-group['lr'])
+
+
+class AuthorsAdam_GC(torch.optim.Optimizer):
+    """The authors' Adam_GC loop: per tensor, in place on the gradient."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group['betas']
+            for p in group['params']:
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state['step'] = 0
+                    state['exp_avg'] = torch.zeros_like(p)
+                    state['exp_avg_sq'] = torch.zeros_like(p)
+                state['step'] += 1
+                bc1 = 1 - beta1**state['step']
+                bc2 = 1 - beta2**state['step']
+                if group['weight_decay'] != 0:
+                    grad.add_(p, alpha=group['weight_decay'])
+                if grad.dim() > 1:
+                    grad.add_(-grad.mean(dim=tuple(range(1, grad.dim())),
+                                         keepdim=True))
+                state['exp_avg'].mul_(beta1).add_(grad, alpha=1 - beta1)
+                state['exp_avg_sq'].mul_(beta2).addcmul_(
+                    grad, grad, value=1 - beta2)
+                denom = (state['exp_avg_sq'].sqrt() / bc2**0.5).add_(
+                    group['eps'])
+                p.addcdiv_(state['exp_avg'], denom, value=-group['lr'] / bc1)
+
+
+SGD = dict(lr=0.02, momentum=0.9, weight_decay=1e-4)
+ADAM = dict(lr=1e-4, weight_decay=1e-4)
+
+
+def variants(family: str):
+    """name -> function(params) returning a step callable."""
+    reg = gc_mm.optimizers
+    if family == 'sgd':
+        return {
+            'torch SGD foreach': lambda p: torch.optim.SGD(
+                p, foreach=True, **SGD).step,
+            'torch SGD for-loop': lambda p: torch.optim.SGD(
+                p, foreach=False, **SGD).step,
+            'gc_mm SGD_GC (fast path)': lambda p: reg.SGD_GC(p, **SGD).step,
+            'gc_mm SGD_GC (plain path)': lambda p: reg.SGD_GC(
+                p, foreach=False, **SGD).step,
+            "authors' SGD_GC (per tensor)": lambda p: AuthorsSGD_GC(
+                p, **SGD).step,
+            'GCOptimWrapper(torch SGD for-loop)': lambda p: GCOptimWrapper(
+                torch.optim.SGD(p, foreach=False, **SGD)).step,
+        }
+    return {
+        'torch Adam foreach': lambda p: torch.optim.Adam(
+            p, foreach=True, **ADAM).step,
+        'torch Adam for-loop': lambda p: torch.optim.Adam(
+            p, foreach=False, **ADAM).step,
+        'torch AdamW for-loop': lambda p: torch.optim.AdamW(
+            p, foreach=False, **ADAM).step,
+        'gc_mm Adam_GC': lambda p: reg.Adam_GC(p, **ADAM).step,
+        'gc_mm AdamW_GC': lambda p: reg.AdamW_GC(p, **ADAM).step,
+        "authors' Adam_GC (per tensor)": lambda p: AuthorsAdam_GC(
+            p, **ADAM).step,
+        'GCOptimWrapper(torch AdamW for-loop)': lambda p: GCOptimWrapper(
+            torch.optim.AdamW(p, foreach=False, **ADAM)).step,
+    }
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_steps(shapes, family, device, repeats, warmup):
+    torch.manual_seed(0)
+    grads0 = [torch.randn(s, device=device) * 1e-3 for s in shapes]
+    steps, grads = {}, {}
+    for name, make in variants(family).items():
+        params = [torch.randn(s, device=device, requires_grad=True)
+                  for s in shapes]
+        for p, g in zip(params, grads0):
+            p.grad = g.clone()
+        steps[name] = make(params)
+        grads[name] = [p.grad for p in params]
+    times = {name: [] for name in steps}
+    for r in range(warmup + repeats):
+        for name, step in steps.items():  # interleaved
+            # The GC steps work in place on the gradients: restore them.
+            torch._foreach_copy_(grads[name], grads0)
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def time_e2e(config, iters, repeats):
+    from mmengine.runner import Runner
+    base = Config.fromfile(config)
+    twin = Config.fromfile(config.replace('.py', '_gc.py') if osp.exists(
+        config.replace('.py', '_gc.py')) else config)
+    results = {}
+    for r in range(repeats):
+        for label, cfg in (('baseline', base), ('GC twin', twin)):
+            cfg = cfg.copy()
+            cfg.work_dir = f'/tmp/gc_mm_bench/{label.replace(" ", "_")}'
+            cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters,
+                                 val_interval=iters + 1)
+            cfg.param_scheduler = []
+            cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+            cfg.test_cfg = cfg.test_dataloader = cfg.test_evaluator = None
+            cfg.default_hooks.checkpoint = dict(type='CheckpointHook',
+                                                interval=10**9)
+            cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
+            cfg.log_level = 'WARNING'
+            runner = Runner.from_cfg(cfg)
+            runner.train()
+            history = runner.message_hub.get_scalar('train/time').data[0]
+            # Skip the first iterations (allocations, data loading warm-up).
+            results.setdefault(label, []).extend(list(history[2:]))
+    return {k: statistics.median(v) * 1e3 for k, v in results.items()}
+
+
+def table(title, medians, baselines):
+    print(f'\n{title}')
+    print(f'{"variant":42s} {"ms":>9s}  ' +
+          '  '.join(f'{"/" + b[:18]:>20s}' for b in baselines))
+    for name, ms in medians.items():
+        print(f'{name:42s} {ms:9.2f}  ' + '  '.join(
+            f'{ms / medians[b]:20.3f}' for b in baselines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--config', default='configs/mask_rcnn_r50.py')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--families', nargs='+', default=['sgd', 'adam'])
+    parser.add_argument('--repeats', type=int, default=15)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--e2e', type=int, default=0,
+                        help='also time N training iterations of --e2e-config '
+                        'and its _gc twin')
+    parser.add_argument('--e2e-config',
+                        default='configs/demo/mask_rcnn_r18_fpn_shapes.py')
+    parser.add_argument('--skip-steps', action='store_true')
+    parser.add_argument('--json', default='benchmark_gc.json')
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    report = dict(config=args.config, device=str(device),
+                  machine=platform.processor() or platform.machine(),
+                  torch=torch.__version__, threads=torch.get_num_threads())
+    if device.type == 'cuda':
+        report['gpu'] = torch.cuda.get_device_name()
+    if not args.skip_steps:
+        shapes = trainable_shapes(args.config)
+        report['tensors'] = len(shapes)
+        report['parameters'] = sum(torch.Size(s).numel() for s in shapes)
+        print(f'{args.config}: {len(shapes)} trainable tensors, '
+              f'{report["parameters"] / 1e6:.1f}M parameters, {device}')
+        for family in args.families:
+            medians = time_steps(shapes, family, device, args.repeats,
+                                 args.warmup)
+            names = list(medians)
+            fastest_torch = min((n for n in names if n.startswith('torch')),
+                                key=medians.get)
+            authors = next(n for n in names if n.startswith("authors'"))
+            table(f'{family}: median step time over {args.repeats} repeats',
+                  medians, [fastest_torch, authors])
+            report[family] = medians
+    if args.e2e:
+        medians = time_e2e(args.e2e_config, args.e2e, repeats=2)
+        overhead = medians['GC twin'] / medians['baseline'] - 1
+        print(f'\nend to end ({args.e2e_config}, {args.e2e} iterations x2): '
+              f'baseline {medians["baseline"]:.1f} ms/iter, GC twin '
+              f'{medians["GC twin"]:.1f} ms/iter, overhead {overhead:+.2%}')
+        report['e2e'] = dict(config=args.e2e_config, **medians,
+                             overhead=overhead)
+    with open(args.json, 'w') as f:
+        json.dump(report, f, indent=2)
+    print(f'\nwrote {args.json}')
+
+
+if __name__ == '__main__':
+    main()
