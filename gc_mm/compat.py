@@ -3,12 +3,18 @@
 - torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine's
   checkpoints carry a few non-tensor types (the message hub's HistoryBuffer,
   numpy scalars and arrays). They are allow-listed here; the safety itself
-  stays on.
+  stays on. A HistoryBuffer also pickled its statistics functions (min,
+  max, current, mean) by reference, through ``getattr``, which no safe
+  loader may allow; it is pickled without them now (unpickling re-adds
+  them), so checkpoints written with gc_mm imported load safely.
 - ``torchvision://NAME`` init_cfg URLs are resolved from mmengine's own
   table when torchvision is not installed (there is no CPU torchvision here).
 - mmengine writes checkpoints straight into their final path, so a run
   killed mid-write leaves a truncated file that looks like a checkpoint;
   local writes go to a temporary file that is renamed into place.
+- mmcv's CPU kernels of NMS and RoIAlign take float32 only; under CPU
+  autocast (bfloat16 AMP) they get float32 inputs
+  (:func:`enable_cpu_autocast_for_mmcv_ops`).
 - mmengine's distributed init calls ``torch.cuda.set_device`` and its DDP
   wrapper passes CUDA ``device_ids``; on a machine without CUDA,
   :func:`setup_distributed` starts the process group with gloo itself and
@@ -36,6 +42,18 @@ def checkpoint_safe_globals() -> list:
         HistoryBuffer, np.ndarray, np.dtype, np._core.multiarray._reconstruct,
         np._core.multiarray.scalar, *dtypes
     ]
+
+
+def _history_buffer_getstate(self) -> dict:
+    """HistoryBuffer.__getstate__ without the built-in statistics methods."""
+    from mmengine.logging import HistoryBuffer
+    state = dict(self.__dict__)
+    state['statistics_methods'] = {
+        name: method
+        for name, method in self._statistics_methods.items()
+        if getattr(HistoryBuffer, name, None) is not method
+    }
+    return state
 
 
 def _load_from_torchvision(filename, map_location=None):
@@ -79,7 +97,9 @@ def _atomic_put(self, obj, filepath, encoding: str = 'utf-8') -> None:
 def apply() -> None:
     """Apply the fixes that are safe at import time (idempotent)."""
     from mmengine.fileio import LocalBackend
+    from mmengine.logging import HistoryBuffer
     torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    HistoryBuffer.__getstate__ = _history_buffer_getstate
     LocalBackend.put = _atomic_put
     LocalBackend.put_text = _atomic_put
     if importlib.util.find_spec('torchvision') is None:
@@ -88,6 +108,36 @@ def apply() -> None:
             prefixes=('torchvision://', 'modelzoo://'),
             loader=_load_from_torchvision,
             force=True)
+
+
+def _float32_on_cpu_autocast(forward):
+    """Wrap RoIAlign.forward: float32 inside CPU autocast, output cast back
+    to the features' dtype (the casts are autograd ops, so backward too)."""
+
+    def wrapped(self, features, rois):
+        if features.device.type != 'cpu' or not torch.is_autocast_enabled(
+                'cpu'):
+            return forward(self, features, rois)
+        with torch.autocast('cpu', enabled=False):
+            return forward(self, features.float(),
+                           rois.float()).to(features.dtype)
+
+    wrapped._gc_mm_float32_on_cpu = True
+    return wrapped
+
+
+def enable_cpu_autocast_for_mmcv_ops() -> None:
+    """Run mmcv's NMS and RoIAlign in float32 inside CPU autocast regions
+    (idempotent; CUDA autocast is untouched)."""
+    from mmcv.ops import RoIAlign
+    from mmcv.ops.nms import NMSop
+    if getattr(RoIAlign.forward, '_gc_mm_float32_on_cpu', False):
+        return
+    RoIAlign.forward = _float32_on_cpu_autocast(RoIAlign.forward)
+    # NMS returns indices only, so casting its inputs is enough.
+    NMSop.forward = staticmethod(
+        torch.amp.custom_fwd(NMSop.forward, device_type='cpu',
+                             cast_inputs=torch.float32))
 
 
 def setup_distributed(cfg, launcher: str) -> None:

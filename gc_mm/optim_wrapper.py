@@ -139,6 +139,9 @@ class AmpGCOptimWrapper(CentralizeGradsMixin, AmpOptimWrapper):
         OptimWrapper.__init__(self, optimizer=optimizer, **kwargs)
         device = next((p.device.type for group in optimizer.param_groups
                        for p in group['params']), 'cpu')
+        if device == 'cpu':
+            from .compat import enable_cpu_autocast_for_mmcv_ops
+            enable_cpu_autocast_for_mmcv_ops()
         self._scale_update_param = None
         if loss_scale == 'dynamic':
             self.loss_scaler = torch.amp.GradScaler(device)

@@ -8,6 +8,7 @@ import os.path as osp
 import pytest
 import torch
 
+import gc_mm  # noqa: F401  (allow-lists the types of mmengine checkpoints)
 from conftest import REPO, run_tool
 
 DEMO = osp.join(REPO, 'configs/demo/mask_rcnn_r18_fpn_gc_shapes.py')
@@ -88,31 +89,53 @@ def test_test_py_evaluates_the_checkpoint(demo_run):
     assert 'coco/bbox_mAP:' in proc.stdout and 'coco/segm_mAP:' in proc.stdout
 
 
+def demo_dumping_state(out_dir):
+    """The demo config plus StateDumpHook: every rank saves its state."""
+    path = out_dir / 'demo_dumping_state.py'
+    path.write_text(
+        f"_base_ = '{DEMO}'\n"
+        "custom_imports = dict(imports=['gc_mm', 'gc_mm.datasets', "
+        "'state_dump_hook'], allow_failed_imports=False)\n"
+        f"custom_hooks = [dict(type='StateDumpHook', out_dir='{out_dir}')]\n")
+    return str(path)
+
+
+TEST_HOOK_ENV = dict(PYTHONPATH=osp.join(REPO, 'tests'))
+
+
 def test_resume_continues_at_the_right_iteration_with_identical_state(
-        demo_run):
-    """Training 2 epochs in one go equals 1 epoch, then --resume for one
-    more: same iteration count, same weights, same optimizer state."""
-    cwd, work_dir, _ = demo_run
+        demo_run, tmp_path):
+    """--resume from epoch_1.pth starts from exactly its model and optimizer
+    state, at iteration 2, and goes on to iteration 4."""
+    cwd, _, _ = demo_run
     two_epochs = [o.replace('max_epochs=1', 'max_epochs=2') for o in
-                  DEMO_SMALL] + ['randomness.deterministic=True']
-    straight = str(cwd / 'straight')
-    run_tool([TRAIN, DEMO, '--work-dir', straight, '--cfg-options',
-              *two_epochs], cwd=cwd)
-    resumed = str(cwd / 'resumed')
-    proc = run_tool([TRAIN, DEMO, '--work-dir', resumed, '--resume',
-                     osp.join(straight, 'epoch_1.pth'), '--cfg-options',
-                     *two_epochs], cwd=cwd)
+                  DEMO_SMALL] + ['default_hooks.checkpoint.interval=1',
+                                 'train_cfg.val_interval=10']
+    first = str(tmp_path / 'first')
+    run_tool([TRAIN, DEMO, '--work-dir', first, '--cfg-options',
+              *two_epochs, 'train_cfg.max_epochs=1'], cwd=cwd)
+    saved = checkpoint(osp.join(first, 'epoch_1.pth'))
+    resumed = str(tmp_path / 'resumed')
+    proc = run_tool([TRAIN, demo_dumping_state(tmp_path), '--work-dir',
+                     resumed, '--resume', osp.join(first, 'epoch_1.pth'),
+                     '--cfg-options', *two_epochs],
+                    cwd=cwd, env=TEST_HOOK_ENV)
     assert 'resumed epoch: 1, iter: 2' in proc.stdout
-    a = checkpoint(osp.join(straight, 'epoch_2.pth'))
-    b = checkpoint(osp.join(resumed, 'epoch_2.pth'))
-    assert a['meta']['iter'] == b['meta']['iter'] == 4
-    for key, value in a['state_dict'].items():
-        torch.testing.assert_close(b['state_dict'][key], value, msg=key)
-    state_a, state_b = a['optimizer']['state'], b['optimizer']['state']
-    assert state_a.keys() == state_b.keys()
-    for index in state_a:
-        torch.testing.assert_close(state_b[index]['momentum_buffer'],
-                                   state_a[index]['momentum_buffer'])
+    start = torch.load(tmp_path / 'before_train_rank0.pth', weights_only=True)
+    assert (start['epoch'], start['iter']) == (1, 2)
+    for key, value in saved['state_dict'].items():
+        torch.testing.assert_close(start['model'][key], value, rtol=0,
+                                   atol=0, msg=key)
+    want, got = saved['optimizer'], start['optimizer']
+    assert got['param_groups'] == want['param_groups']
+    assert got['state'].keys() == want['state'].keys()
+    for index, state in want['state'].items():
+        torch.testing.assert_close(got['state'][index]['momentum_buffer'],
+                                   state['momentum_buffer'], rtol=0, atol=0)
+    end = checkpoint(osp.join(resumed, 'epoch_2.pth'))
+    assert (end['meta']['epoch'], end['meta']['iter']) == (2, 4)
+    assert not torch.equal(end['state_dict']['backbone.conv1.weight'],
+                           saved['state_dict']['backbone.conv1.weight'])
 
 
 def test_amp_keeps_gc(demo_run):
@@ -162,24 +185,25 @@ def test_load_from_fine_tunes_from_the_checkpoint(balloon_run, balloon):
 
 
 def test_dist_train_two_gloo_processes_end_identical(tmp_path):
-    out = tmp_path / 'ranks'
-    out.mkdir()
     proc = run_tool(
-        [osp.join(REPO, 'tools/dist_train.sh'), DEMO, '2', '--work-dir',
-         str(tmp_path / 'work'), '--cfg-options', *DEMO_SMALL,
-         'train_cfg.val_interval=10', "custom_imports.imports=['gc_mm',"
-         "'gc_mm.datasets','rank_params_hook']",
-         "custom_hooks=[dict(type='SaveRankParamsHook',out_dir='"
-         f"{out}')]"],
-        cwd=tmp_path, env=dict(PYTHONPATH=osp.join(REPO, 'tests'),
-                               PORT=str(29500 + os.getpid() % 1000)))
-    assert 'gloo' in proc.stdout + proc.stderr
-    rank0 = torch.load(out / 'rank0.pth', weights_only=True)
-    rank1 = torch.load(out / 'rank1.pth', weights_only=True)
-    assert rank0.keys() == rank1.keys() and len(rank0) > 50
-    for key in rank0:
-        torch.testing.assert_close(rank1[key], rank0[key], rtol=0, atol=0)
-    assert int(rank0['iter']) == 1  # 8 images / (2 ranks x batch 4)
+        [osp.join(REPO, 'tools/dist_train.sh'), demo_dumping_state(tmp_path),
+         '2', '--work-dir', str(tmp_path / 'work'), '--cfg-options',
+         *DEMO_SMALL, 'train_cfg.val_interval=10'],
+        cwd=tmp_path,
+        env=dict(TEST_HOOK_ENV, PORT=str(29500 + os.getpid() % 1000)))
+    assert 'distributed training uses the gloo backend' in proc.stdout
+    ranks = [torch.load(tmp_path / f'after_train_rank{r}.pth',
+                        weights_only=True) for r in (0, 1)]
+    start = torch.load(tmp_path / 'before_train_rank0.pth', weights_only=True)
+    assert ranks[0]['iter'] == ranks[1]['iter'] == 1  # 8 images / (2 x 4)
+    model0, model1 = ranks[0]['model'], ranks[1]['model']
+    assert model0.keys() == model1.keys()
+    for key in model0:
+        torch.testing.assert_close(model1[key], model0[key], rtol=0, atol=0,
+                                   msg=key)
+    # They trained: the shared weights moved away from the start.
+    assert not torch.equal(model0['backbone.conv1.weight'],
+                           start['model']['backbone.conv1.weight'])
 
 
 @pytest.mark.parametrize('option,message', [

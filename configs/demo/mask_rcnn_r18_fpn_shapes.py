@@ -81,6 +81,9 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'val/annotation_coco.json')
 test_evaluator = val_evaluator
 
+# The constructor logs how many tensors get GC (none in this baseline).
+optim_wrapper = dict(constructor='GCOptimWrapperConstructor')
+
 max_epochs = 12
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [
