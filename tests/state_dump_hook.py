@@ -19,6 +19,8 @@ class StateDumpHook(Hook):
                                                'module') else runner.model
         torch.save(
             dict(model=model.state_dict(),
+                 params={k: p.detach()
+                         for k, p in model.named_parameters()},
                  optimizer=runner.optim_wrapper.state_dict(),
                  iter=runner.iter, epoch=runner.epoch),
             osp.join(self.out_dir, f'{stage}_rank{get_rank()}.pth'))
