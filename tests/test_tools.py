@@ -219,3 +219,19 @@ def test_train_refuses_bad_config_before_training(option, message, tmp_path):
     assert message in proc.stderr
     assert not (tmp_path / 'w').exists() or not glob.glob(
         str(tmp_path / 'w' / '*.pth'))
+
+
+def test_benchmark_runs_and_writes_json(tmp_path):
+    """A smoke run of the benchmark on the demo model (timings are only
+    reported, never asserted)."""
+    out = tmp_path / 'bench.json'
+    proc = run_tool([osp.join(REPO, 'tools/analysis/benchmark_gc.py'),
+                     '--config', osp.join(REPO, 'configs/demo/'
+                                          'mask_rcnn_r18_fpn_shapes.py'),
+                     '--repeats', '1', '--warmup', '0', '--json', str(out)],
+                    cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report['tensors'] > 50
+    for family in ('sgd', 'adam'):
+        assert all(ms > 0 for ms in report[family].values())
+    assert "authors' SGD_GC (per tensor)" in proc.stdout
