@@ -7,7 +7,7 @@ import pytest
 import torch
 from mmengine.registry import OPTIMIZERS
 
-import gc_mm  # noqa: F401  (registers the optimizers)
+import gc_mm.optimizers.sgd  # registers the optimizers
 from reference import (ADAGRAD_NAMES, ADAM_NAMES, ALL_NAMES, SGD_NAMES,
                        Reference, project)
 
@@ -275,6 +275,32 @@ def test_fast_and_plain_paths_agree_with_mixed_groups_and_dtypes(name):
         results.append(params)
     for fast, plain in zip(*results):
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', SGD_NAMES)
+@pytest.mark.parametrize('block', [1, 8, 40])
+def test_fast_path_blocks_of_rows_match_reference(name, block, monkeypatch):
+    """Small blocks: several per tensor, and rows longer than a block."""
+    monkeypatch.setattr(gc_mm.optimizers.sgd, '_BLOCK_ELEMENTS', block)
+    for hp in HYPER_PARAMS['sgd']:
+        weights, grads = initial_weights(), gradients()
+        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads)
+        want = run_reference(name, hp, weights, grads)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_path_leaves_gradients_untouched():
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = OPTIMIZERS.build(dict(type='SGD_GC', params=params, lr=0.1,
+                                momentum=0.9, weight_decay=0.1))
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    before = [p.grad.clone() for p in params]
+    opt.step()
+    opt.step()
+    for p, g in zip(params, before):
+        assert torch.equal(p.grad, g)
 
 
 def test_params_without_grad_are_skipped_and_groups_work():
