@@ -107,17 +107,22 @@ class _AdamBase(GCOptimizer):
                 state['max_exp_avg_sq'], exp_avg_sq,
                 out=state['max_exp_avg_sq'])
 
+        denom = second_moment.sqrt()
         if self.decoupled_weight_decay:
             step_size = lr * math.sqrt(bias_correction2) / bias_correction1
-            update = exp_avg / second_moment.sqrt().add_(eps)
-            if weight_decay:
-                update.add_(param, alpha=weight_decay)
+            denom.add_(eps)
         else:
             step_size = lr / bias_correction1
-            denom = second_moment.sqrt().div_(
-                math.sqrt(bias_correction2)).add_(eps)
+            denom.div_(math.sqrt(bias_correction2)).add_(eps)
+        on_update = centralized and self.centralize_update
+        if self.decoupled_weight_decay and weight_decay:
+            update = torch.mul(param, weight_decay).addcdiv_(exp_avg, denom)
+        elif on_update:
             update = exp_avg / denom
-        if centralized and self.centralize_update:
+        else:  # the common case in one fused op, as in torch's Adam
+            param.addcdiv_(exp_avg, denom, value=-step_size)
+            return
+        if on_update:
             centralize_([update], conv_only=gc_mode == 'conv')
         param.add_(update, alpha=-step_size)
 
