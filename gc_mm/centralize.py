@@ -5,9 +5,8 @@ Neural Networks", ECCV 2020. For a weight gradient G with one row per output
 unit, ``P(G) = G - mean(G over every dim but dim 0)``. Every optimizer, the
 optim wrapper and the fused paths call :func:`centralize_`.
 """
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional
 
-import torch
 from torch import Tensor
 
 # A GC mode names which tensors are centralized:
@@ -46,20 +45,15 @@ def centralize_(tensors: Iterable[Tensor], conv_only: bool = False) -> None:
     whole row non-finite (the mean spreads it); nothing raises.
     """
     min_ndim = 4 if conv_only else 2
-    rows: List[Tensor] = []
-    means: List[Tensor] = []
     for tensor in tensors:
         if tensor.ndim < min_ndim:
             continue
-        # The reduction over a contiguous 2-D view is a single fast pass;
-        # other layouts (channels_last) reduce over the original dims.
+        # One tensor at a time, mean then subtraction, so the second pass
+        # finds the tensor in cache. A contiguous tensor is reduced as a 2-D
+        # view (one fast pass); other layouts (channels_last) over the dims.
         if tensor.is_contiguous():
-            row_view = tensor.view(tensor.shape[0], -1)
-            rows.append(row_view)
-            means.append(row_view.mean(dim=1, keepdim=True))
+            rows = tensor.view(tensor.shape[0], -1)
+            rows.sub_(rows.mean(dim=1, keepdim=True))
         else:
-            rows.append(tensor)
-            means.append(
+            tensor.sub_(
                 tensor.mean(dim=tuple(range(1, tensor.ndim)), keepdim=True))
-    if rows:
-        torch._foreach_sub_(rows, means)
