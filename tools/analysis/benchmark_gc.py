@@ -103,35 +103,35 @@ ADAM = dict(lr=1e-4, weight_decay=1e-4)
 
 
 def variants(family: str):
-    """name -> function(params) returning a step callable."""
+    """name -> function(params) returning an optimizer or optim wrapper."""
     reg = gc_mm.optimizers
     if family == 'sgd':
         return {
             'torch SGD foreach': lambda p: torch.optim.SGD(
-                p, foreach=True, **SGD).step,
+                p, foreach=True, **SGD),
             'torch SGD for-loop': lambda p: torch.optim.SGD(
-                p, foreach=False, **SGD).step,
-            'gc_mm SGD_GC (fast path)': lambda p: reg.SGD_GC(p, **SGD).step,
+                p, foreach=False, **SGD),
+            'gc_mm SGD_GC (fast path)': lambda p: reg.SGD_GC(p, **SGD),
             'gc_mm SGD_GC (plain path)': lambda p: reg.SGD_GC(
-                p, foreach=False, **SGD).step,
+                p, foreach=False, **SGD),
             "authors' SGD_GC (per tensor)": lambda p: AuthorsSGD_GC(
-                p, **SGD).step,
+                p, **SGD),
             'GCOptimWrapper(torch SGD for-loop)': lambda p: GCOptimWrapper(
-                torch.optim.SGD(p, foreach=False, **SGD)).step,
+                torch.optim.SGD(p, foreach=False, **SGD)),
         }
     return {
         'torch Adam foreach': lambda p: torch.optim.Adam(
-            p, foreach=True, **ADAM).step,
+            p, foreach=True, **ADAM),
         'torch Adam for-loop': lambda p: torch.optim.Adam(
-            p, foreach=False, **ADAM).step,
+            p, foreach=False, **ADAM),
         'torch AdamW for-loop': lambda p: torch.optim.AdamW(
-            p, foreach=False, **ADAM).step,
-        'gc_mm Adam_GC': lambda p: reg.Adam_GC(p, **ADAM).step,
-        'gc_mm AdamW_GC': lambda p: reg.AdamW_GC(p, **ADAM).step,
+            p, foreach=False, **ADAM),
+        'gc_mm Adam_GC': lambda p: reg.Adam_GC(p, **ADAM),
+        'gc_mm AdamW_GC': lambda p: reg.AdamW_GC(p, **ADAM),
         "authors' Adam_GC (per tensor)": lambda p: AuthorsAdam_GC(
-            p, **ADAM).step,
+            p, **ADAM),
         'GCOptimWrapper(torch AdamW for-loop)': lambda p: GCOptimWrapper(
-            torch.optim.AdamW(p, foreach=False, **ADAM)).step,
+            torch.optim.AdamW(p, foreach=False, **ADAM)),
     }
 
 
@@ -143,26 +143,40 @@ def sync(device):
 def time_steps(shapes, family, device, repeats, warmup):
     torch.manual_seed(0)
     grads0 = [torch.randn(s, device=device) * 1e-3 for s in shapes]
-    steps, grads = {}, {}
+    optimizers, grads = {}, {}
     for name, make in variants(family).items():
         params = [torch.randn(s, device=device, requires_grad=True)
                   for s in shapes]
         for p, g in zip(params, grads0):
             p.grad = g.clone()
-        steps[name] = make(params)
+        optimizers[name] = make(params)
         grads[name] = [p.grad for p in params]
-    times = {name: [] for name in steps}
+    times = {name: [] for name in optimizers}
+    transient = {}
     for r in range(warmup + repeats):
-        for name, step in steps.items():  # interleaved
-            # The GC steps work in place on the gradients: restore them.
+        for name, optimizer in optimizers.items():  # interleaved
+            # Some GC steps work in place on the gradients: restore them.
             torch._foreach_copy_(grads[name], grads0)
             sync(device)
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            step()
+            optimizer.step()
             sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            if device.type == 'cuda':
+                transient[name] = torch.cuda.max_memory_allocated() - before
+    results = {}
+    for name, optimizer in optimizers.items():
+        state = getattr(optimizer, 'optimizer', optimizer).state
+        results[name] = dict(
+            ms=statistics.median(times[name]) * 1e3,
+            state_mb=sum(t.nbytes for s in state.values()
+                         for t in s.values() if torch.is_tensor(t)) / 2**20,
+            transient_mb=transient[name] / 2**20 if transient else None)
+    return results
 
 
 def time_e2e(config, iters, repeats):
@@ -192,13 +206,17 @@ def time_e2e(config, iters, repeats):
     return {k: statistics.median(v) * 1e3 for k, v in results.items()}
 
 
-def table(title, medians, baselines):
+def table(title, results, baselines):
     print(f'\n{title}')
-    print(f'{"variant":42s} {"ms":>9s}  ' +
-          '  '.join(f'{"/" + b[:18]:>20s}' for b in baselines))
-    for name, ms in medians.items():
-        print(f'{name:42s} {ms:9.2f}  ' + '  '.join(
-            f'{ms / medians[b]:20.3f}' for b in baselines))
+    print(f'{"variant":38s} {"ms":>8s} ' +
+          ' '.join(f'{"x " + b[:16]:>18s}' for b in baselines) +
+          f' {"state MB":>9s} {"transient MB":>12s}')
+    for name, r in results.items():
+        transient = ('n/a' if r['transient_mb'] is None else
+                     f'{r["transient_mb"]:.1f}')
+        print(f'{name:38s} {r["ms"]:8.2f} ' + ' '.join(
+            f'{r["ms"] / results[b]["ms"]:18.3f}' for b in baselines) +
+              f' {r["state_mb"]:9.1f} {transient:>12s}')
 
 
 def main():
@@ -229,15 +247,15 @@ def main():
         print(f'{args.config}: {len(shapes)} trainable tensors, '
               f'{report["parameters"] / 1e6:.1f}M parameters, {device}')
         for family in args.families:
-            medians = time_steps(shapes, family, device, args.repeats,
+            results = time_steps(shapes, family, device, args.repeats,
                                  args.warmup)
-            names = list(medians)
-            fastest_torch = min((n for n in names if n.startswith('torch')),
-                                key=medians.get)
-            authors = next(n for n in names if n.startswith("authors'"))
-            table(f'{family}: median step time over {args.repeats} repeats',
-                  medians, [fastest_torch, authors])
-            report[family] = medians
+            fastest_torch = min((n for n in results if n.startswith('torch')),
+                                key=lambda n: results[n]['ms'])
+            authors = next(n for n in results if n.startswith("authors'"))
+            table(f'{family}: median step time over {args.repeats} repeats '
+                  '(transient memory: peak during the step, CUDA only)',
+                  results, [fastest_torch, authors])
+            report[family] = results
     if args.e2e:
         medians = time_e2e(args.e2e_config, args.e2e, repeats=2)
         overhead = medians['GC twin'] / medians['baseline'] - 1
