@@ -56,21 +56,27 @@ def _history_buffer_getstate(self) -> dict:
     return state
 
 
-def _load_from_torchvision(filename, map_location=None):
-    from mmengine.runner.checkpoint import load_from_http
+def torchvision_url(name: str) -> str:
+    """The ImageNet checkpoint URL of a torchvision model, from mmengine's
+    own table (mmengine/hub/torchvision_0.12.json)."""
     import mmengine
-    name = filename.split('://', 1)[1]
     with open(osp.join(mmengine.__path__[0], 'hub',
                        'torchvision_0.12.json')) as f:
         urls = json.load(f)
     if name not in urls:
         raise KeyError(
-            f'{filename}: unknown torchvision model {name!r} (torchvision is '
-            'not installed, so only the ImageNet weights listed in '
-            "mmengine/hub/torchvision_0.12.json resolve). Known: "
+            f'torchvision://{name}: unknown torchvision model {name!r} '
+            '(torchvision is not installed, so only the ImageNet weights '
+            'listed in mmengine/hub/torchvision_0.12.json resolve). Known: '
             f"{', '.join(sorted(urls))}. Or set init_cfg.checkpoint to a "
             'local path or URL.')
-    return load_from_http(urls[name], map_location=map_location)
+    return urls[name]
+
+
+def _load_from_torchvision(filename, map_location=None):
+    from mmengine.runner.checkpoint import load_from_http
+    url = torchvision_url(filename.split('://', 1)[1])
+    return load_from_http(url, map_location=map_location)
 
 
 def _atomic_put(self, obj, filepath, encoding: str = 'utf-8') -> None:
