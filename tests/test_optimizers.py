@@ -43,7 +43,7 @@ def family(name):
 
 def paths(name):
     """Each implementation path of an optimizer: SGD has a fast one."""
-    return [{}, {'foreach': False}] if name in SGD_NAMES else [{}]
+    return [{}, {'blocked': False}] if name in SGD_NAMES else [{}]
 
 
 def cases():
@@ -260,14 +260,14 @@ def test_fast_and_plain_paths_agree_with_mixed_groups_and_dtypes(name):
     """One group with GC off, one float64 tensor among float32 ones."""
     weights, grads = initial_weights(), gradients()
     results = []
-    for foreach in (True, False):
+    for blocked in (True, False):
         params = [torch.tensor(w, dtype=torch.float64 if i == 1 else
                                torch.float32, requires_grad=True)
                   for i, w in enumerate(weights)]
         opt = OPTIMIZERS.build(
             dict(type=name, params=[{'params': params[:3]},
                                     {'params': params[3:], 'gc_mode': None}],
-                 lr=0.1, momentum=0.9, weight_decay=0.01, foreach=foreach))
+                 lr=0.1, momentum=0.9, weight_decay=0.01, blocked=blocked))
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = torch.tensor(g, dtype=p.dtype)

@@ -48,10 +48,10 @@ class _SGDBase(GCOptimizer):
         gc_mode (str | None): 'conv_fc', 'conv' or None (GC off); defaults to
             the class's rule ('conv_fc' for *_GC, 'conv' for *_GCC). A param
             group may set its own; None there turns GC off for that group.
-        foreach (bool): the fast path (True: cache-blocked, fewer passes
-            over memory, gradients left untouched) or the plain path in the
-            authors' order (False: gradients used as scratch). Both give the
-            same numbers to float rounding. Half-precision and
+        blocked (bool): the fast path (True: rows in cache-sized blocks,
+            fewer passes over memory, gradients left untouched) or the plain
+            path in the authors' order (False: gradients used as scratch).
+            Both give the same numbers to float rounding. Half-precision and
             non-contiguous parameters always take the plain path. Defaults
             to True.
     """
@@ -66,7 +66,7 @@ class _SGDBase(GCOptimizer):
                  weight_decay: float = 0.,
                  nesterov: bool = False,
                  gc_mode: Optional[str] = CLASS_RULE,
-                 foreach: bool = True):
+                 blocked: bool = True):
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -74,7 +74,7 @@ class _SGDBase(GCOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             gc_mode=gc_mode,
-            foreach=foreach)
+            blocked=blocked)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -87,14 +87,15 @@ class _SGDBase(GCOptimizer):
                              f", dampening={group['dampening']}")
 
     def _update_group(self, group: dict, params) -> None:
-        if not group['foreach']:
+        if not group['blocked']:
             super()._update_group(group, params)
             return
         # The fast path: per tensor, in blocks of whole rows that fit in the
         # CPU cache, so each element of grad, param and buffer is read from
         # memory once and every later op of the step hits the cache. GC is
         # row-local, so a block of rows is centralized exactly as the whole.
-        # The direction lives in a small scratch buffer: gradients are left
+        # The direction lives in a scratch buffer (one block; a whole tensor
+        # on an accelerator, where blocking buys nothing): gradients are left
         # untouched and no memory is held between steps.
         scratch = None
         for param in params:
@@ -102,13 +103,19 @@ class _SGDBase(GCOptimizer):
                     param.is_contiguous() and param.grad.is_contiguous()):
                 super()._update_group(group, [param])
                 continue
-            if scratch is None or scratch.dtype != param.dtype or \
-                    scratch.device != param.device:
-                scratch = param.new_empty(_BLOCK_ELEMENTS)
-            self._update_in_blocks(param, group, scratch)
+            rows = param.shape[0] if param.ndim > 1 else 1
+            cols = param.numel() // rows
+            block_rows = max(1, min(rows, _BLOCK_ELEMENTS //
+                                    cols)) if param.is_cpu else rows
+            size = block_rows * cols
+            if (scratch is None or scratch.numel() < size
+                    or scratch.dtype != param.dtype
+                    or scratch.device != param.device):
+                scratch = param.new_empty(size)
+            self._update_in_blocks(param, group, rows, block_rows, scratch)
 
-    def _update_in_blocks(self, param: Tensor, group: dict,
-                          scratch: Tensor) -> None:
+    def _update_in_blocks(self, param: Tensor, group: dict, rows: int,
+                          block_rows: int, scratch: Tensor) -> None:
         lr, weight_decay = group['lr'], group['weight_decay']
         momentum, dampening = group['momentum'], group['dampening']
         coupled_decay = weight_decay and not self.decoupled_weight_decay
@@ -117,16 +124,11 @@ class _SGDBase(GCOptimizer):
         first_step = momentum and 'momentum_buffer' not in state
         if first_step:
             state['momentum_buffer'] = torch.empty_like(param)
-        rows = param.shape[0] if param.ndim > 1 else 1
         views = [t.view(rows, -1) for t in (param, param.grad)]
         if momentum:
             views.append(state['momentum_buffer'].view(rows, -1))
-        cols = views[0].shape[1]
-        block = max(1, min(rows, _BLOCK_ELEMENTS // cols))
-        if cols > _BLOCK_ELEMENTS:  # one row larger than the scratch
-            scratch = param.new_empty(cols)
-        for start in range(0, rows, block):
-            p, g, *b = [v[start:start + block] for v in views]
+        for start in range(0, rows, block_rows):
+            p, g, *b = [v[start:start + block_rows] for v in views]
             d = scratch[:g.numel()].view(g.shape)
             if coupled_decay:
                 torch.add(g, p, alpha=weight_decay, out=d)

@@ -113,7 +113,7 @@ def variants(family: str):
                 p, foreach=False, **SGD),
             'gc_mm SGD_GC (fast path)': lambda p: reg.SGD_GC(p, **SGD),
             'gc_mm SGD_GC (plain path)': lambda p: reg.SGD_GC(
-                p, foreach=False, **SGD),
+                p, blocked=False, **SGD),
             "authors' SGD_GC (per tensor)": lambda p: AuthorsSGD_GC(
                 p, **SGD),
             'GCOptimWrapper(torch SGD for-loop)': lambda p: GCOptimWrapper(
@@ -229,6 +229,8 @@ def main():
     parser.add_argument('--e2e', type=int, default=0,
                         help='also time N training iterations of --e2e-config '
                         'and its _gc twin')
+    parser.add_argument('--e2e-repeats', type=int, default=3,
+                        help='interleaved baseline/GC runs of --e2e')
     parser.add_argument('--e2e-config',
                         default='configs/demo/mask_rcnn_r18_fpn_shapes.py')
     parser.add_argument('--skip-steps', action='store_true')
@@ -257,9 +259,10 @@ def main():
                   results, [fastest_torch, authors])
             report[family] = results
     if args.e2e:
-        medians = time_e2e(args.e2e_config, args.e2e, repeats=2)
+        medians = time_e2e(args.e2e_config, args.e2e, args.e2e_repeats)
         overhead = medians['GC twin'] / medians['baseline'] - 1
-        print(f'\nend to end ({args.e2e_config}, {args.e2e} iterations x2): '
+        print(f'\nend to end ({args.e2e_config}, {args.e2e} iterations x '
+              f'{args.e2e_repeats}): '
               f'baseline {medians["baseline"]:.1f} ms/iter, GC twin '
               f'{medians["GC twin"]:.1f} ms/iter, overhead {overhead:+.2%}')
         report['e2e'] = dict(config=args.e2e_config, **medians,
