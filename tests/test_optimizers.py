@@ -323,6 +323,21 @@ def test_params_without_grad_are_skipped_and_groups_work():
     assert a.grad is None and b.grad is None
 
 
+def test_loads_a_state_dict_without_gc_options():
+    """A checkpoint of torch's SGD (or an older gc_mm) lacks gc_mode and
+    blocked: the defaults fill them in."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    torch_opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    w.grad = torch.randn(4, 3)
+    torch_opt.step()
+    opt = OPTIMIZERS.build(dict(type='SGD_GC', params=[w], lr=0.1,
+                                momentum=0.9))
+    opt.load_state_dict(torch_opt.state_dict())
+    assert opt.param_groups[0]['gc_mode'] == 'conv_fc'
+    assert opt.param_groups[0]['blocked'] is True
+    opt.step()
+
+
 def test_closure_is_evaluated_with_grad():
     w = torch.nn.Parameter(torch.randn(3, 4))
     opt = OPTIMIZERS.build(dict(type='Adam_GC', params=[w], lr=0.1))

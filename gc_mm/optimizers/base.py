@@ -69,6 +69,17 @@ class GCOptimizer(Optimizer):
         check_gc_mode(param_group.get('gc_mode', self.defaults['gc_mode']))
         super().add_param_group(param_group)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Groups loaded from an older checkpoint (or another optimizer's)
+        # get the options they lack, e.g. gc_mode, from the defaults.
+        # (torch's own 'differentiable', which it adds to defaults, stays
+        # out of the groups, as in torch.)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != 'differentiable':
+                    group.setdefault(key, value)
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         # torch casts loaded state to each parameter's dtype; restore the
