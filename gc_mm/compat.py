@@ -37,7 +37,7 @@ def checkpoint_safe_globals() -> list:
     from mmengine.logging import HistoryBuffer
     dtypes = [type(np.dtype(name)) for name in (
         'float64', 'float32', 'float16', 'int64', 'int32', 'int16', 'int8',
-        'uint8', 'bool')]
+        'uint64', 'uint32', 'uint16', 'uint8', 'bool')]
     return [
         HistoryBuffer, np.ndarray, np.dtype, np._core.multiarray._reconstruct,
         np._core.multiarray.scalar, *dtypes

@@ -106,18 +106,19 @@ TEST_HOOK_ENV = dict(PYTHONPATH=osp.join(REPO, 'tests'))
 def test_resume_continues_at_the_right_iteration_with_identical_state(
         demo_run, tmp_path):
     """--resume from epoch_1.pth starts from exactly its model and optimizer
-    state, at iteration 2, and goes on to iteration 4."""
+    state, at iteration 2, and ends where the uninterrupted run ended."""
     cwd, _, _ = demo_run
     two_epochs = [o.replace('max_epochs=1', 'max_epochs=2') for o in
                   DEMO_SMALL] + ['default_hooks.checkpoint.interval=1',
                                  'train_cfg.val_interval=10']
-    first = str(tmp_path / 'first')
-    run_tool([TRAIN, DEMO, '--work-dir', first, '--cfg-options',
-              *two_epochs, 'train_cfg.max_epochs=1'], cwd=cwd)
-    saved = checkpoint(osp.join(first, 'epoch_1.pth'))
+    straight = str(tmp_path / 'straight')
+    run_tool([TRAIN, DEMO, '--work-dir', straight, '--cfg-options',
+              *two_epochs], cwd=cwd)
+    saved = checkpoint(osp.join(straight, 'epoch_1.pth'))
+    assert 'random_state' in saved
     resumed = str(tmp_path / 'resumed')
     proc = run_tool([TRAIN, demo_dumping_state(tmp_path), '--work-dir',
-                     resumed, '--resume', osp.join(first, 'epoch_1.pth'),
+                     resumed, '--resume', osp.join(straight, 'epoch_1.pth'),
                      '--cfg-options', *two_epochs],
                     cwd=cwd, env=TEST_HOOK_ENV)
     assert 'resumed epoch: 1, iter: 2' in proc.stdout
@@ -132,9 +133,15 @@ def test_resume_continues_at_the_right_iteration_with_identical_state(
     for index, state in want['state'].items():
         torch.testing.assert_close(got['state'][index]['momentum_buffer'],
                                    state['momentum_buffer'], rtol=0, atol=0)
-    end = checkpoint(osp.join(resumed, 'epoch_2.pth'))
-    assert (end['meta']['epoch'], end['meta']['iter']) == (2, 4)
-    assert not torch.equal(end['state_dict']['backbone.conv1.weight'],
+    # Random states are checkpointed too: the resumed run ends bit-equal to
+    # the uninterrupted one.
+    a = checkpoint(osp.join(straight, 'epoch_2.pth'))
+    b = checkpoint(osp.join(resumed, 'epoch_2.pth'))
+    assert a['meta']['iter'] == b['meta']['iter'] == 4
+    for key, value in a['state_dict'].items():
+        torch.testing.assert_close(b['state_dict'][key], value, rtol=0,
+                                   atol=0, msg=key)
+    assert not torch.equal(a['state_dict']['backbone.conv1.weight'],
                            saved['state_dict']['backbone.conv1.weight'])
 
 

@@ -1,6 +1,6 @@
 # Train a detector: MMDetection 3.3's tools/train.py with gc_mm imported,
-# checks before the run, CPU (gloo) distributed training, and --amp that
-# keeps GC.
+# checks before the run, CPU (gloo) distributed training, --amp that keeps
+# GC, and checkpoints that resume exactly (RandomStateHook).
 import argparse
 import os
 import os.path as osp
@@ -105,6 +105,11 @@ def build_config(args) -> Config:
                               '"auto_scale_lr.enable" or '
                               '"auto_scale_lr.base_batch_size" in your'
                               ' configuration file.')
+    # Checkpoints carry the random generators' states, so that --resume
+    # continues exactly as the interrupted run would have.
+    hooks = list(cfg.get('custom_hooks', []))
+    if not any(hook.get('type') == 'RandomStateHook' for hook in hooks):
+        cfg.custom_hooks = hooks + [dict(type='RandomStateHook')]
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
