@@ -8,8 +8,7 @@ import torch
 from mmengine.registry import OPTIMIZERS
 
 import gc_mm.optimizers.sgd  # registers the optimizers
-from reference import (ADAGRAD_NAMES, ADAM_NAMES, ALL_NAMES, SGD_NAMES,
-                       Reference, project)
+from reference import ADAM_NAMES, ALL_NAMES, SGD_NAMES, Reference, project
 
 # conv weight, conv 1x1 weight, fc weight, bias, a conv with rows of 1.
 SHAPES = [(6, 3, 3, 3), (4, 6, 1, 1), (5, 7), (5, ), (3, 1, 1, 1)]
