@@ -155,6 +155,10 @@ def setup_distributed(cfg, launcher: str) -> None:
     """
     if launcher == 'none' or torch.cuda.is_available():
         return
+    if launcher != 'pytorch':
+        raise ValueError(
+            f'launcher={launcher!r} without CUDA is not supported; use '
+            'tools/dist_train.sh (torchrun, launcher=pytorch)')
     dist_cfg = cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
     if dist_cfg.get('backend', 'nccl') == 'nccl':
         print_log('No CUDA: distributed training uses the gloo backend.',
@@ -164,10 +168,6 @@ def setup_distributed(cfg, launcher: str) -> None:
         type='MMDistributedDataParallel')
     wrapper_cfg.setdefault('device_ids', None)
     cfg.model_wrapper_cfg = wrapper_cfg
-    if launcher != 'pytorch':
-        raise ValueError(
-            f'launcher={launcher!r} without CUDA is not supported; use '
-            'tools/dist_train.sh (torchrun, launcher=pytorch)')
     if not torch.distributed.is_initialized():
         options = {k: v for k, v in dist_cfg.items() if k != 'backend'}
         if 'timeout' in options:

@@ -24,6 +24,7 @@ import numpy as np
 CLASSES = ('circle', 'square', 'triangle', 'hexagon')
 SPLITS = {'train': 0, 'val': 1}  # split -> seed offset
 ANNOTATION = 'annotation_coco.json'
+NUM_TRAIN, NUM_VAL = 128, 32  # default split sizes
 
 
 def _polygon(cls: str, center, size: float, angle: float) -> np.ndarray:
@@ -103,8 +104,8 @@ def write_split(folder: str, num_images: int, seed: int, height: int,
 
 
 def make_shapes_dataset(root: str,
-                        num_train: int = 128,
-                        num_val: int = 32,
+                        num_train: int = NUM_TRAIN,
+                        num_val: int = NUM_VAL,
                         height: int = 128,
                         width: int = 160,
                         max_instances: int = 4,
@@ -151,8 +152,8 @@ def make_shapes_dataset(root: str,
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('root', help='output folder, e.g. data/shapes')
-    parser.add_argument('--num-train', type=int, default=128)
-    parser.add_argument('--num-val', type=int, default=32)
+    parser.add_argument('--num-train', type=int, default=NUM_TRAIN)
+    parser.add_argument('--num-val', type=int, default=NUM_VAL)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
     make_shapes_dataset(args.root, num_train=args.num_train,

@@ -17,7 +17,7 @@ import torch
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
-from ..centralize import centralize_, is_centralized
+from ..centralize import centralize_
 from .base import CLASS_RULE, GCOptimizer, check_non_negative
 
 
@@ -66,7 +66,7 @@ class _AdagradBase(GCOptimizer):
         state['step'] += 1
         if group['weight_decay']:
             grad.add_(param, alpha=group['weight_decay'])
-        if is_centralized(grad, group['gc_mode']):
+        if group['gc_mode'] is not None:
             centralize_([grad], conv_only=group['gc_mode'] == 'conv')
         clr = group['lr'] / (1 + (state['step'] - 1) * group['lr_decay'])
         state['sum'].addcmul_(grad, grad, value=1)

@@ -157,7 +157,7 @@ class _SGDBase(GCOptimizer):
         momentum = group['momentum']
         if weight_decay and not self.decoupled_weight_decay:
             grad.add_(param, alpha=weight_decay)
-        if is_centralized(grad, group['gc_mode']):
+        if group['gc_mode'] is not None:
             centralize_([grad], conv_only=group['gc_mode'] == 'conv')
         direction = grad
         if momentum:
