@@ -30,6 +30,8 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['gc_mm', 'gc_mm.*']),
+    # The opt-in fused kernels are compiled from source on first use.
+    package_data={'gc_mm.kernels': ['*.cpp']},
     python_requires='>=3.9',
     install_requires=[
         'torch',

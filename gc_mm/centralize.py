@@ -1,9 +1,11 @@
-"""The Gradient Centralization operator, the one copy of its maths in gc_mm.
+"""The Gradient Centralization operator, gc_mm's one GC primitive.
 
 Yong et al., "Gradient Centralization: A New Optimization Technique for Deep
 Neural Networks", ECCV 2020. For a weight gradient G with one row per output
-unit, ``P(G) = G - mean(G over every dim but dim 0)``. Every optimizer, the
-optim wrapper and the fused paths call :func:`centralize_`.
+unit, ``P(G) = G - mean(G over every dim but dim 0)``. Every optimizer and
+optim wrapper calls :func:`centralize_`; the one exception is the opt-in C++
+kernel (gc_mm/kernels/sgd.cpp), which fuses the same maths into SGD's step
+and is held to the same float64 reference by the tests.
 """
 from typing import Iterable, Optional
 
@@ -41,12 +43,13 @@ def centralize_(tensors: Iterable[Tensor], conv_only: bool = False) -> None:
             are left untouched.
         conv_only: centralize only ``ndim > 3`` tensors (the "GCC" rule).
 
-    A row of length 1 becomes exactly zero. A non-finite entry makes its
+    An empty tensor is left as it is. A row of length 1 becomes exactly
+    zero. A non-finite entry makes its
     whole row non-finite (the mean spreads it); nothing raises.
     """
     min_ndim = 4 if conv_only else 2
     for tensor in tensors:
-        if tensor.ndim < min_ndim:
+        if tensor.ndim < min_ndim or tensor.numel() == 0:
             continue
         # One tensor at a time, mean then subtraction, so the second pass
         # finds the tensor in cache. A contiguous tensor is reduced as a 2-D

@@ -1,4 +1,8 @@
 """Bad optimizer input is refused early, with the culprit named."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from mmengine.registry import OPTIMIZERS
@@ -16,6 +20,7 @@ BAD = [(name, kwargs, match) for names, cases in [
     (ALL_NAMES, [(dict(lr=-0.1), 'lr'), (dict(weight_decay=-1.), 'weight_decay'),
                  (dict(gc_mode='fc'), 'gc_mode'), (dict(lr='0.1'), 'lr')]),
     (SGD_NAMES, [(dict(momentum=-0.9), 'momentum'),
+                 (dict(fused='yes'), 'fused'), (dict(blocked=None), 'blocked'),
                  (dict(nesterov=True), 'nesterov'),
                  (dict(nesterov=True, momentum=0.9, dampening=0.1), 'nesterov')]),
     (ADAM_NAMES, [(dict(eps=-1e-8), 'eps'), (dict(betas=(0.9, 1.0)), 'betas'),
@@ -73,3 +78,31 @@ def test_non_finite_gradient_does_not_crash(name):
     opt.step()
     assert torch.isfinite(w[0]).all() and torch.isfinite(w[2]).all()
     assert not torch.isfinite(w[1]).all()
+
+
+def test_fused_path_refuses_parameters_off_cpu():
+    """Checked when the group is added (and again at each step)."""
+    with pytest.raises(RuntimeError, match='fused=True.*CPU.*meta'):
+        OPTIMIZERS.build(dict(type='SGD_GC', lr=0.1, fused=True, params=[
+            torch.nn.Parameter(torch.empty(4, 3, device='meta'))]))
+    opt = build('SGD_GC', lr=0.1, fused=True)
+    with pytest.raises(RuntimeError, match='param group 1 .* on meta'):
+        opt.add_param_group({'params': [
+            torch.nn.Parameter(torch.empty(2, 2, device='meta'))]})
+    assert len(opt.param_groups) == 1
+
+
+def test_fused_path_without_a_compiler_says_so(tmp_path):
+    """A real build with no usable compiler, in a fresh process and an
+    empty extension cache: the error names the kernel and the way out."""
+    script = (
+        'import torch, gc_mm\n'
+        'w = torch.nn.Parameter(torch.randn(3, 2)); w.grad = torch.ones(3, 2)\n'
+        'gc_mm.optimizers.SGD_GC([w], lr=0.1, fused=True).step()\n')
+    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'),
+               TORCH_EXTENSIONS_DIR=str(tmp_path / 'extensions'))
+    result = subprocess.run([sys.executable, '-c', script], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert 'gc_mm/kernels/sgd.cpp' in result.stderr
+    assert 'fused=False' in result.stderr

@@ -77,3 +77,9 @@ def test_modes():
     assert not is_centralized(torch.zeros(2, 2, 1, 1), None)
     with pytest.raises(ValueError, match="gc_mode must be 'conv_fc'"):
         check_gc_mode('GCC')
+
+
+def test_empty_tensors_are_left_as_they_are():
+    tensors = [torch.empty(0, 3), torch.empty(4, 0, 3, 3)]
+    centralize_(tensors)
+    assert [tuple(t.shape) for t in tensors] == [(0, 3), (4, 0, 3, 3)]

@@ -40,9 +40,13 @@ def family(name):
     return 'adam' if name in ADAM_NAMES else 'adagrad'
 
 
+# SGD's paths besides its default (cache-blocked) one.
+SGD_OTHER_PATHS = [{'blocked': False}, {'fused': True}]
+
+
 def paths(name):
-    """Each implementation path of an optimizer: SGD has a fast one."""
-    return [{}, {'blocked': False}] if name in SGD_NAMES else [{}]
+    """Each implementation path of an optimizer: SGD has three."""
+    return [{}, *SGD_OTHER_PATHS] if name in SGD_NAMES else [{}]
 
 
 def cases():
@@ -172,7 +176,8 @@ def test_equal_to_torch_where_formulas_coincide(name, hp, torch_cls, tol,
     extra = {} if gc_mode == 'class' else {'gc_mode': None}
     # The plain path does torch's arithmetic in torch's order: bit-equal.
     # (The fast path agrees with the plain path to rounding, tested above.)
-    extra.update(paths(name)[-1])
+    if name in SGD_NAMES:
+        extra['blocked'] = False
     got, _ = run_gc_mm(name, hp, torch.float32, weights, grads, **extra)
     params = [torch.tensor(w, dtype=torch.float32, requires_grad=True)
               for w in weights]
@@ -255,18 +260,21 @@ def test_half_precision_keeps_float32_statistics(name, dtype, tol):
 
 
 @pytest.mark.parametrize('name', SGD_NAMES)
-def test_fast_and_plain_paths_agree_with_mixed_groups_and_dtypes(name):
-    """One group with GC off, one float64 tensor among float32 ones."""
+@pytest.mark.parametrize('path', [{}, {'fused': True}], ids=['blocked',
+                                                              'fused'])
+def test_fast_and_plain_paths_agree_with_mixed_groups_and_dtypes(name, path):
+    """One group with GC off; float32, float64 and bfloat16 tensors."""
     weights, grads = initial_weights(), gradients()
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32,
+              torch.float64]
     results = []
-    for blocked in (True, False):
-        params = [torch.tensor(w, dtype=torch.float64 if i == 1 else
-                               torch.float32, requires_grad=True)
-                  for i, w in enumerate(weights)]
+    for options in (path, {'blocked': False}):
+        params = [torch.tensor(w, dtype=dtype, requires_grad=True)
+                  for w, dtype in zip(weights, dtypes)]
         opt = OPTIMIZERS.build(
             dict(type=name, params=[{'params': params[:3]},
                                     {'params': params[3:], 'gc_mode': None}],
-                 lr=0.1, momentum=0.9, weight_decay=0.01, blocked=blocked))
+                 lr=0.1, momentum=0.9, weight_decay=0.01, **options))
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = torch.tensor(g, dtype=p.dtype)
@@ -289,10 +297,31 @@ def test_fast_path_blocks_of_rows_match_reference(name, block, monkeypatch):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
 
 
-def test_fast_path_leaves_gradients_untouched():
+# Shapes that split the fused kernel's work: rows longer than its block of
+# partial sums (1024) with a remainder, rows shared among threads (over
+# 2**15 elements), a long 1-D tensor (split by elements), a conv.
+FUSED_SHAPES = [(3, 2500), (40, 1001), (70001, ), (64, 33, 3, 3)]
+
+
+@pytest.mark.parametrize('name', SGD_NAMES)
+def test_fused_path_on_large_tensors_matches_reference(name):
+    for hp in HYPER_PARAMS['sgd']:
+        weights = initial_weights(shapes=FUSED_SHAPES)
+        grads = gradients(steps=3, shapes=FUSED_SHAPES)
+        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads,
+                           fused=True)
+        want = run_reference(name, hp, weights, grads)
+        for g, w, shape in zip(got, want, FUSED_SHAPES):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12,
+                                       err_msg=f'{name} {shape} {hp}')
+
+
+@pytest.mark.parametrize('path', [{}, {'fused': True}], ids=['blocked',
+                                                              'fused'])
+def test_fast_paths_leave_gradients_untouched(path):
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     opt = OPTIMIZERS.build(dict(type='SGD_GC', params=params, lr=0.1,
-                                momentum=0.9, weight_decay=0.1))
+                                momentum=0.9, weight_decay=0.1, **path))
     for p in params:
         p.grad = torch.randn(p.shape)
     before = [p.grad.clone() for p in params]
@@ -367,3 +396,25 @@ def test_cuda_matches_cpu(name):
     for c, p in zip(cpu, params):
         np.testing.assert_allclose(p.detach().cpu().double().numpy(), c,
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('path', [{}, *SGD_OTHER_PATHS])
+def test_empty_parameters_are_stepped_over(path):
+    """A model may hold empty tensors (a zero-width layer): every path
+    steps, and the other parameters move as they would without them."""
+    weights, grads = initial_weights(), gradients(steps=2)
+    want, _ = run_gc_mm('SGD_GC', HYPER_PARAMS['sgd'][1], torch.float64,
+                        weights, grads, **path)
+    empty = [torch.nn.Parameter(torch.empty(0, 3, dtype=torch.float64)),
+             torch.nn.Parameter(torch.empty(4, 0, 3, 3, dtype=torch.float64))]
+    params = [torch.tensor(w, requires_grad=True) for w in weights]
+    opt = OPTIMIZERS.build(dict(type='SGD_GC', params=empty + params,
+                                **HYPER_PARAMS['sgd'][1], **path))
+    for step_grads in grads:
+        for p in empty:
+            p.grad = torch.zeros_like(p)
+        for p, g in zip(params, step_grads):
+            p.grad = torch.tensor(g)
+        opt.step()
+    for p, w in zip(params, want):
+        np.testing.assert_array_equal(p.detach().numpy(), w)

@@ -232,13 +232,23 @@ def test_benchmark_runs_and_writes_json(tmp_path):
     """A smoke run of the benchmark on the demo model (timings are only
     reported, never asserted)."""
     out = tmp_path / 'bench.json'
+    demo = osp.join(REPO, 'configs/demo/mask_rcnn_r18_fpn_shapes.py')
     proc = run_tool([osp.join(REPO, 'tools/analysis/benchmark_gc.py'),
-                     '--config', osp.join(REPO, 'configs/demo/'
-                                          'mask_rcnn_r18_fpn_shapes.py'),
-                     '--repeats', '1', '--warmup', '0', '--json', str(out)],
-                    cwd=tmp_path)
+                     '--config', demo, '--repeats', '1', '--warmup', '0',
+                     '--e2e', '3', '--e2e-repeats', '1',
+                     '--e2e-step-repeats', '1', '--e2e-config', demo,
+                     '--e2e-twin', demo.replace('_shapes', '_gc_shapes'),
+                     '--json', str(out)], cwd=tmp_path)
     report = json.loads(out.read_text())
     assert report['tensors'] > 50
     for family in ('sgd', 'adam'):
         assert all(r['ms'] > 0 for r in report[family].values())
     assert "authors' SGD_GC (per tensor)" in proc.stdout
+    assert 'gc_mm SGD_GC (fused C++, opt-in)' in report['sgd']
+    assert report['fused_kernel_load_s'] >= 0
+    # The end-to-end mode compares the real twin pair, not a config with
+    # itself.
+    e2e = report['e2e']
+    assert (e2e['baseline optimizer'], e2e['GC twin optimizer']) == (
+        'SGD', 'SGD_GC')
+    assert e2e['baseline step'] > 0 and e2e['GC twin step'] > 0

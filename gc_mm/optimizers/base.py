@@ -97,6 +97,14 @@ class GCOptimizer(Optimizer):
                     self.state[param][key] = value.to(
                         device=param.device, dtype=torch.float32)
 
+    def _check_param(self, param: Tensor, group: dict, index: int) -> None:
+        """Raise RuntimeError if this step cannot update ``param``."""
+        if param.grad.is_sparse:
+            raise RuntimeError(
+                f'{type(self).__name__} got a sparse gradient (param group '
+                f'{index}, shape {tuple(param.shape)}): GC is undefined for '
+                'sparse gradients')
+
     def _params_with_grad(self, group: dict) -> List[Tensor]:
         return [p for p in group['params'] if p.grad is not None]
 
@@ -108,14 +116,10 @@ class GCOptimizer(Optimizer):
                 loss = closure()
         groups = [(group, self._params_with_grad(group))
                   for group in self.param_groups]
-        # Refuse sparse gradients before any parameter moves.
-        for index, (_, params) in enumerate(groups):
+        # Refuse what the step cannot do before any parameter moves.
+        for index, (group, params) in enumerate(groups):
             for param in params:
-                if param.grad.is_sparse:
-                    raise RuntimeError(
-                        f'{type(self).__name__} got a sparse gradient (param '
-                        f'group {index}, shape {tuple(param.shape)}): GC is '
-                        'undefined for sparse gradients')
+                self._check_param(param, group, index)
         for group, params in groups:
             if params:
                 self._update_group(group, params)

@@ -18,13 +18,20 @@ Example::
 
     optim_wrapper = dict(optimizer=dict(
         type='SGD_GC', lr=0.02, momentum=0.9, weight_decay=1e-4))
+
+Three paths give the same numbers to float rounding: the default
+cache-blocked path (eager torch ops), the plain path in the authors' order
+(``blocked=False``) and an opt-in C++ kernel for CPU (``fused=True``,
+compiled on first use; see :mod:`gc_mm.kernels`).
 """
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
+from .. import kernels
 from ..centralize import centralize_, is_centralized
 from .base import CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative
 
@@ -32,6 +39,16 @@ from .base import CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative
 # Elements per block of the fast path: 4 MB of float32, so a block of grad,
 # param, buffer and scratch stays in a CPU's last-level cache.
 _BLOCK_ELEMENTS = 1 << 20
+
+
+def _block_shape(param: Tensor) -> Tuple[int, int]:
+    """(rows, columns) of one block of the fast path: whole rows, as many as
+    fit in _BLOCK_ELEMENTS on a CPU (at least one), all on an accelerator."""
+    rows = param.shape[0] if param.ndim > 1 else 1
+    cols = param.numel() // rows if rows else 0
+    if not param.is_cpu or cols == 0:  # all rows; or empty, nothing to do
+        return rows, cols
+    return max(1, min(rows, _BLOCK_ELEMENTS // cols)), cols
 
 
 class _SGDBase(GCOptimizer):
@@ -54,6 +71,12 @@ class _SGDBase(GCOptimizer):
             Both give the same numbers to float rounding. Half-precision and
             non-contiguous parameters always take the plain path. Defaults
             to True.
+        fused (bool): the C++ kernel for CPU parameters (one pass per row
+            for the row mean and one for the rest of the step, rows split
+            among threads; gradients left untouched). It is compiled the
+            first time it runs, about a minute, then cached. Overrides
+            ``blocked``; half-precision and non-contiguous parameters take
+            the plain path. Defaults to False.
     """
 
     decoupled_weight_decay = False
@@ -66,7 +89,8 @@ class _SGDBase(GCOptimizer):
                  weight_decay: float = 0.,
                  nesterov: bool = False,
                  gc_mode: Optional[str] = CLASS_RULE,
-                 blocked: bool = True):
+                 blocked: bool = True,
+                 fused: bool = False):
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -74,7 +98,8 @@ class _SGDBase(GCOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             gc_mode=gc_mode,
-            blocked=blocked)
+            blocked=blocked,
+            fused=fused)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -85,9 +110,35 @@ class _SGDBase(GCOptimizer):
             raise ValueError('nesterov=True needs momentum > 0 and '
                              f"dampening = 0, got momentum={group['momentum']}"
                              f", dampening={group['dampening']}")
+        for name in ('blocked', 'fused'):
+            if not isinstance(group[name], bool):
+                raise ValueError(f'{name} must be True or False, got '
+                                 f'{group[name]!r}')
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for param in group['params']:
+            try:
+                self._check_device(param, group, len(self.param_groups) - 1)
+            except RuntimeError:
+                self.param_groups.pop()  # leave the optimizer as it was
+                raise
+
+    def _check_param(self, param: Tensor, group: dict, index: int) -> None:
+        super()._check_param(param, group, index)
+        self._check_device(param, group, index)
+
+    def _check_device(self, param: Tensor, group: dict, index: int) -> None:
+        if group['fused'] and not param.is_cpu:
+            raise RuntimeError(
+                f'{type(self).__name__}(fused=True) runs on CPU parameters '
+                f'only (gc_mm has no {param.device.type} kernel yet); param '
+                f'group {index} has one on {param.device}. Use the default '
+                'path (fused=False), which runs on any device.')
 
     def _update_group(self, group: dict, params) -> None:
-        if not group['blocked']:
+        if not (group['blocked'] or group['fused']):
             super()._update_group(group, params)
             return
         # The fast path: per tensor, in blocks of whole rows that fit in the
@@ -97,25 +148,26 @@ class _SGDBase(GCOptimizer):
         # The direction lives in a scratch buffer (one block; a whole tensor
         # on an accelerator, where blocking buys nothing): gradients are left
         # untouched and no memory is held between steps.
-        scratch = None
+        scratch = {}  # one block per dtype and device, for the whole step
         for param in params:
-            if param.dtype in HALF_DTYPES or not (
+            if param.dtype in HALF_DTYPES or param.numel() == 0 or not (
                     param.is_contiguous() and param.grad.is_contiguous()):
                 super()._update_group(group, [param])
                 continue
-            rows = param.shape[0] if param.ndim > 1 else 1
-            cols = param.numel() // rows
-            block_rows = max(1, min(rows, _BLOCK_ELEMENTS //
-                                    cols)) if param.is_cpu else rows
-            size = block_rows * cols
-            if (scratch is None or scratch.numel() < size
-                    or scratch.dtype != param.dtype
-                    or scratch.device != param.device):
-                scratch = param.new_empty(size)
-            self._update_in_blocks(param, group, rows, block_rows, scratch)
+            if group['fused']:
+                self._update_fused(param, group)
+                continue
+            key = (param.dtype, param.device)
+            if key not in scratch:
+                # Allocated once at its largest, so the step touches fresh
+                # pages once (a growing buffer would fault on each regrowth).
+                scratch[key] = param.new_empty(max(
+                    math.prod(_block_shape(p)) for p in params
+                    if (p.dtype, p.device) == key))
+            self._update_in_blocks(param, group, scratch[key])
 
-    def _update_in_blocks(self, param: Tensor, group: dict, rows: int,
-                          block_rows: int, scratch: Tensor) -> None:
+    def _update_in_blocks(self, param: Tensor, group: dict,
+                          scratch: Tensor) -> None:
         lr, weight_decay = group['lr'], group['weight_decay']
         momentum, dampening = group['momentum'], group['dampening']
         coupled_decay = weight_decay and not self.decoupled_weight_decay
@@ -124,9 +176,11 @@ class _SGDBase(GCOptimizer):
         first_step = momentum and 'momentum_buffer' not in state
         if first_step:
             state['momentum_buffer'] = torch.empty_like(param)
-        views = [t.view(rows, -1) for t in (param, param.grad)]
+        block_rows, cols = _block_shape(param)
+        rows = param.numel() // cols
+        views = [t.view(rows, cols) for t in (param, param.grad)]
         if momentum:
-            views.append(state['momentum_buffer'].view(rows, -1))
+            views.append(state['momentum_buffer'].view(rows, cols))
         for start in range(0, rows, block_rows):
             p, g, *b = [v[start:start + block_rows] for v in views]
             d = scratch[:g.numel()].view(g.shape)
@@ -150,6 +204,19 @@ class _SGDBase(GCOptimizer):
             if weight_decay and self.decoupled_weight_decay:
                 p.mul_(1 - lr * weight_decay)
             p.add_(direction, alpha=-lr)
+
+    def _update_fused(self, param: Tensor, group: dict) -> None:
+        momentum = group['momentum']
+        state = self.state[param]
+        first_step = bool(momentum) and 'momentum_buffer' not in state
+        if first_step:
+            state['momentum_buffer'] = torch.empty_like(param)
+        kernels.load('sgd').sgd_gc_step(
+            param, param.grad,
+            state['momentum_buffer'] if momentum else None,
+            is_centralized(param, group['gc_mode']), group['lr'],
+            group['weight_decay'], momentum, group['dampening'],
+            group['nesterov'], self.decoupled_weight_decay, first_step)
 
     def _update_tensor(self, param: Tensor, grad: Tensor,
                        state: Dict[str, Tensor], group: dict) -> None:

@@ -21,8 +21,8 @@ import time
 import torch
 from mmengine.config import Config
 
-import gc_mm  # noqa: F401
-from gc_mm import GCOptimWrapper
+import gc_mm
+from gc_mm import GCOptimWrapper, kernels
 
 
 def trainable_shapes(config: str):
@@ -114,6 +114,8 @@ def variants(family: str):
             'gc_mm SGD_GC (fast path)': lambda p: reg.SGD_GC(p, **SGD),
             'gc_mm SGD_GC (plain path)': lambda p: reg.SGD_GC(
                 p, blocked=False, **SGD),
+            'gc_mm SGD_GC (fused C++, opt-in)': lambda p: reg.SGD_GC(
+                p, fused=True, **SGD),
             "authors' SGD_GC (per tensor)": lambda p: AuthorsSGD_GC(
                 p, **SGD),
             'GCOptimWrapper(torch SGD for-loop)': lambda p: GCOptimWrapper(
@@ -141,22 +143,33 @@ def sync(device):
 
 
 def time_steps(shapes, family, device, repeats, warmup):
-    torch.manual_seed(0)
-    grads0 = [torch.randn(s, device=device) * 1e-3 for s in shapes]
-    optimizers, grads = {}, {}
+    optimizers = {}
     for name, make in variants(family).items():
         params = [torch.randn(s, device=device, requires_grad=True)
                   for s in shapes]
-        for p, g in zip(params, grads0):
-            p.grad = g.clone()
         optimizers[name] = make(params)
+    return time_interleaved(optimizers, device, repeats, warmup)
+
+
+def time_interleaved(optimizers, device, repeats, warmup):
+    """Median step time of each optimizer (or optim wrapper), steps
+    interleaved. Each is fed the same random gradients (same seed, same
+    parameter shapes in the same order), restored before every step."""
+    grads0, grads = {}, {}
+    for name, optimizer in optimizers.items():
+        params = [p for group in optimizer.param_groups
+                  for p in group['params']]
+        torch.manual_seed(0)
+        grads0[name] = [torch.randn_like(p) * 1e-3 for p in params]
+        for p, g in zip(params, grads0[name]):
+            p.grad = g.clone()
         grads[name] = [p.grad for p in params]
     times = {name: [] for name in optimizers}
     transient = {}
     for r in range(warmup + repeats):
         for name, optimizer in optimizers.items():  # interleaved
             # Some GC steps work in place on the gradients: restore them.
-            torch._foreach_copy_(grads[name], grads0)
+            torch._foreach_copy_(grads[name], grads0[name])
             sync(device)
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats()
@@ -179,12 +192,13 @@ def time_steps(shapes, family, device, repeats, warmup):
     return results
 
 
-def time_e2e(config, iters, repeats):
+def time_e2e(base_config, twin_config, iters, repeats, step_repeats):
+    """Median iteration time of a config and its GC twin, and the median
+    step time of each one's own optim wrapper on its model's parameters."""
     from mmengine.runner import Runner
-    base = Config.fromfile(config)
-    twin = Config.fromfile(config.replace('.py', '_gc.py') if osp.exists(
-        config.replace('.py', '_gc.py')) else config)
-    results = {}
+    base = Config.fromfile(base_config)
+    twin = Config.fromfile(twin_config)
+    iterations, optim_wrappers = {}, {}
     for r in range(repeats):
         for label, cfg in (('baseline', base), ('GC twin', twin)):
             cfg = cfg.copy()
@@ -202,8 +216,18 @@ def time_e2e(config, iters, repeats):
             runner.train()
             history = runner.message_hub.get_scalar('train/time').data[0]
             # Skip the first iterations (allocations, data loading warm-up).
-            results.setdefault(label, []).extend(list(history[2:]))
-    return {k: statistics.median(v) * 1e3 for k, v in results.items()}
+            iterations.setdefault(label, []).extend(list(history[2:]))
+            optim_wrappers[label] = runner.optim_wrapper
+    result = {k: statistics.median(v) * 1e3 for k, v in iterations.items()}
+    # GC changes nothing in an iteration but the optimizer step, so the
+    # step-time difference over the iteration time is its overhead, measured
+    # far more precisely than the difference of two noisy iteration times.
+    device = next(iter(runner.model.parameters())).device
+    steps = time_interleaved(optim_wrappers, device, step_repeats, warmup=3)
+    result.update({f'{k} step': v['ms'] for k, v in steps.items()})
+    result.update({f'{k} optimizer': type(v.optimizer).__name__
+                   for k, v in optim_wrappers.items()})
+    return result
 
 
 def table(title, results, baselines):
@@ -231,11 +255,23 @@ def main():
                         'and its _gc twin')
     parser.add_argument('--e2e-repeats', type=int, default=3,
                         help='interleaved baseline/GC runs of --e2e')
+    parser.add_argument('--e2e-step-repeats', type=int, default=15,
+                        help='optimizer steps timed per config after --e2e')
     parser.add_argument('--e2e-config',
-                        default='configs/demo/mask_rcnn_r18_fpn_shapes.py')
+                        default='configs/demo/mask_rcnn_r18_fpn_shapes.py',
+                        help='the baseline of --e2e')
+    parser.add_argument('--e2e-twin',
+                        default='configs/demo/mask_rcnn_r18_fpn_gc_shapes.py',
+                        help='the GC twin of --e2e-config')
     parser.add_argument('--skip-steps', action='store_true')
     parser.add_argument('--json', default='benchmark_gc.json')
     args = parser.parse_args()
+    if args.e2e:
+        for path in (args.e2e_config, args.e2e_twin):
+            if not osp.isfile(path):
+                parser.error(f'config not found: {path}')
+        if osp.samefile(args.e2e_config, args.e2e_twin):
+            parser.error('--e2e-config and --e2e-twin are the same file')
     device = torch.device(args.device)
     report = dict(config=args.config, device=str(device),
                   machine=platform.processor() or platform.machine(),
@@ -243,6 +279,14 @@ def main():
     if device.type == 'cuda':
         report['gpu'] = torch.cuda.get_device_name()
     if not args.skip_steps:
+        if 'sgd' in args.families and device.type == 'cpu':
+            # Built on first use (then cached): its start-up cost, apart.
+            start = time.perf_counter()
+            kernels.load('sgd')
+            report['fused_kernel_load_s'] = time.perf_counter() - start
+            print(f'fused SGD kernel: ready in '
+                  f'{report["fused_kernel_load_s"]:.1f} s (a first build '
+                  'compiles it, later runs load it from the cache)')
         shapes = trainable_shapes(args.config)
         report['tensors'] = len(shapes)
         report['parameters'] = sum(torch.Size(s).numel() for s in shapes)
@@ -259,14 +303,24 @@ def main():
                   results, [fastest_torch, authors])
             report[family] = results
     if args.e2e:
-        medians = time_e2e(args.e2e_config, args.e2e, args.e2e_repeats)
+        medians = time_e2e(args.e2e_config, args.e2e_twin, args.e2e,
+                           args.e2e_repeats, args.e2e_step_repeats)
         overhead = medians['GC twin'] / medians['baseline'] - 1
-        print(f'\nend to end ({args.e2e_config}, {args.e2e} iterations x '
-              f'{args.e2e_repeats}): '
-              f'baseline {medians["baseline"]:.1f} ms/iter, GC twin '
-              f'{medians["GC twin"]:.1f} ms/iter, overhead {overhead:+.2%}')
-        report['e2e'] = dict(config=args.e2e_config, **medians,
-                             overhead=overhead)
+        step_overhead = (medians['GC twin step'] -
+                         medians['baseline step']) / medians['baseline']
+        print(f'\nend to end ({args.e2e_config} vs {args.e2e_twin}, '
+              f'{args.e2e} iterations x {args.e2e_repeats}, interleaved):\n'
+              f'  optimizers: baseline {medians["baseline optimizer"]}, GC '
+              f'twin {medians["GC twin optimizer"]}\n'
+              f'  iteration: baseline {medians["baseline"]:.1f} ms, GC twin '
+              f'{medians["GC twin"]:.1f} ms, overhead {overhead:+.2%}\n'
+              f'  optimizer step (median of {args.e2e_step_repeats}): '
+              f'baseline {medians["baseline step"]:.2f} ms, GC twin '
+              f'{medians["GC twin step"]:.2f} ms; the difference is '
+              f'{step_overhead:+.2%} of a baseline iteration')
+        report['e2e'] = dict(config=args.e2e_config, twin=args.e2e_twin,
+                             **medians,
+                             overhead=overhead, step_overhead=step_overhead)
     with open(args.json, 'w') as f:
         json.dump(report, f, indent=2)
     print(f'\nwrote {args.json}')
