@@ -6,7 +6,9 @@ directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
 so later runs load them in a second. Processes that start together (the
 ranks of a distributed run) wait on torch's build lock and build once.
 """
+import os
 import os.path as osp
+import shutil
 import time
 
 from mmengine.logging import print_log
@@ -14,10 +16,24 @@ from mmengine.logging import print_log
 _loaded = {}
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; pip's ninja lives in the environment's
+    bin directory, which is not on PATH when that environment's python is
+    run without activating it (``.venv/bin/python tools/train.py``)."""
+    if shutil.which('ninja') is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # torch's build then says that ninja is missing
+    os.environ['PATH'] = ninja.BIN_DIR + os.pathsep + os.environ['PATH']
+
+
 def load(name: str):
     """The compiled module of ``gc_mm/kernels/<name>.cpp``."""
     if name not in _loaded:
         from torch.utils.cpp_extension import load as build
+        _put_ninja_on_path()
         source = osp.join(osp.dirname(__file__), f'{name}.cpp')
         start = time.perf_counter()
         try:
