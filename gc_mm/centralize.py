@@ -44,8 +44,8 @@ def centralize_(tensors: Iterable[Tensor], conv_only: bool = False) -> None:
         conv_only: centralize only ``ndim > 3`` tensors (the "GCC" rule).
 
     An empty tensor is left as it is. A row of length 1 becomes exactly
-    zero. A non-finite entry makes its
-    whole row non-finite (the mean spreads it); nothing raises.
+    zero. A non-finite entry makes its whole row non-finite (the mean
+    spreads it); nothing raises.
     """
     min_ndim = 4 if conv_only else 2
     for tensor in tensors:

@@ -1,9 +1,9 @@
 """C++ kernels of the opt-in fused optimizer paths (``fused=True``).
 
 They are compiled with torch's own extension builder the first time a fused
-step runs (about a minute on 2 cores) and cached in torch's extension
+step runs (45-50 s on 2 cores) and cached in torch's extension
 directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
-so later runs load them in a second. Processes that start together (the
+so later runs load them in a tenth of a second. Processes that start together (the
 ranks of a distributed run) wait on torch's build lock and build once.
 """
 import os

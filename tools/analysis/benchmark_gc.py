@@ -3,8 +3,11 @@
 Builds the trainable parameters of a real detector from a config (default
 Mask R-CNN R50-FPN), fills random gradients and times one optimizer step of
 each variant, interleaved, after warm-up; prints medians and ratios and
-writes JSON. ``--e2e N`` also times N training iterations of a config and
-its GC twin through the MMEngine runner.
+writes JSON. ``--e2e N`` also trains a config and its GC twin
+(``--e2e-config``, ``--e2e-twin``; the demo pair by default) for N
+iterations each through the MMEngine runner, then times each one's optim
+wrapper on its own model: GC changes only the step, so the step-time
+difference over the iteration time is GC's overhead per iteration.
 
     python tools/analysis/benchmark_gc.py                       # CPU
     python tools/analysis/benchmark_gc.py --device cuda
