@@ -42,6 +42,9 @@ def family(name):
 
 # SGD's paths besides its default (cache-blocked) one.
 SGD_OTHER_PATHS = [{'blocked': False}, {'fused': True}]
+# The paths that leave gradients untouched: the default and the kernel.
+SGD_FAST_PATHS = [pytest.param({}, id='blocked'),
+                  pytest.param({'fused': True}, id='fused')]
 
 
 def paths(name):
@@ -260,8 +263,7 @@ def test_half_precision_keeps_float32_statistics(name, dtype, tol):
 
 
 @pytest.mark.parametrize('name', SGD_NAMES)
-@pytest.mark.parametrize('path', [{}, {'fused': True}], ids=['blocked',
-                                                              'fused'])
+@pytest.mark.parametrize('path', SGD_FAST_PATHS)
 def test_fast_and_plain_paths_agree_with_mixed_groups_and_dtypes(name, path):
     """One group with GC off; float32, float64 and bfloat16 tensors."""
     weights, grads = initial_weights(), gradients()
@@ -316,8 +318,7 @@ def test_fused_path_on_large_tensors_matches_reference(name):
                                        err_msg=f'{name} {shape} {hp}')
 
 
-@pytest.mark.parametrize('path', [{}, {'fused': True}], ids=['blocked',
-                                                              'fused'])
+@pytest.mark.parametrize('path', SGD_FAST_PATHS)
 def test_fast_paths_leave_gradients_untouched(path):
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     opt = OPTIMIZERS.build(dict(type='SGD_GC', params=params, lr=0.1,

@@ -173,15 +173,12 @@ class _SGDBase(GCOptimizer):
         momentum, dampening = group['momentum'], group['dampening']
         coupled_decay = weight_decay and not self.decoupled_weight_decay
         centralized = is_centralized(param, group['gc_mode'])
-        state = self.state[param]
-        first_step = momentum and 'momentum_buffer' not in state
-        if first_step:
-            state['momentum_buffer'] = torch.empty_like(param)
+        buf, first_step = self._momentum_buffer(param, momentum)
         block_rows, cols = _block_shape(param)
         rows = param.numel() // cols
         views = [t.view(rows, cols) for t in (param, param.grad)]
         if momentum:
-            views.append(state['momentum_buffer'].view(rows, cols))
+            views.append(buf.view(rows, cols))
         for start in range(0, rows, block_rows):
             p, g, *b = [v[start:start + block_rows] for v in views]
             d = scratch[:g.numel()].view(g.shape)
@@ -193,28 +190,37 @@ class _SGDBase(GCOptimizer):
                 centralize_([d])
             direction = d
             if momentum:
-                buf = b[0]
+                block_buf = b[0]
                 if first_step:
-                    buf.copy_(d)
+                    block_buf.copy_(d)
                 elif dampening:
-                    buf.mul_(momentum).add_(d, alpha=1 - dampening)
+                    block_buf.mul_(momentum).add_(d, alpha=1 - dampening)
                 else:
-                    torch.add(d, buf, alpha=momentum, out=buf)
-                direction = d.add_(buf, alpha=momentum) if group[
-                    'nesterov'] else buf
+                    torch.add(d, block_buf, alpha=momentum, out=block_buf)
+                direction = d.add_(block_buf, alpha=momentum) if group[
+                    'nesterov'] else block_buf
             if weight_decay and self.decoupled_weight_decay:
                 p.mul_(1 - lr * weight_decay)
             p.add_(direction, alpha=-lr)
 
-    def _update_fused(self, param: Tensor, group: dict) -> None:
-        momentum = group['momentum']
+    def _momentum_buffer(self, param: Tensor,
+                         momentum: float) -> Tuple[Optional[Tensor], bool]:
+        """The fast paths' momentum buffer (None without momentum) and
+        whether this is its first step: then it is new, to be written, not
+        read."""
+        if not momentum:
+            return None, False
         state = self.state[param]
-        first_step = bool(momentum) and 'momentum_buffer' not in state
+        first_step = 'momentum_buffer' not in state
         if first_step:
             state['momentum_buffer'] = torch.empty_like(param)
+        return state['momentum_buffer'], first_step
+
+    def _update_fused(self, param: Tensor, group: dict) -> None:
+        momentum = group['momentum']
+        buf, first_step = self._momentum_buffer(param, momentum)
         kernels.load('sgd').sgd_gc_step(
-            param, param.grad,
-            state['momentum_buffer'] if momentum else None,
+            param, param.grad, buf,
             is_centralized(param, group['gc_mode']), group['lr'],
             group['weight_decay'], momentum, group['dampening'],
             group['nesterov'], self.decoupled_weight_decay, first_step)
