@@ -8,30 +8,57 @@ config inheritance import pkg_resources, which setuptools 82 removed)::
     pip install torch "setuptools>=77,<82" wheel ninja
     MMCV_WITH_OPS=1 pip install --no-build-isolation mmcv==2.1.0
     pip install --no-build-isolation -e .
+
+With torch importable at build time (no build isolation), the C++ kernels
+of gc_mm/kernels are compiled here, for this CPU, and used by default;
+without it they are compiled on first use of ``fused=True``.
 """
 import os.path as osp
 
 from setuptools import find_packages, setup
 
+HERE = osp.dirname(osp.abspath(__file__))
 
-def version():
+
+def run_module(*path):
+    """The namespace of a gc_mm module, run without importing gc_mm (whose
+    dependencies may not be installed yet)."""
     namespace = {}
-    with open(osp.join(osp.dirname(__file__), 'gc_mm', 'version.py')) as f:
+    with open(osp.join(HERE, 'gc_mm', *path)) as f:
         exec(f.read(), namespace)
-    return namespace['__version__']
+    return namespace
+
+
+def kernel_extensions():
+    """(ext_modules, cmdclass) of the kernels, empty without torch."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+    flags = run_module('kernels', 'flags.py')
+    extension = CppExtension(
+        'gc_mm.kernels._' + flags['module_name']('sgd'),
+        ['gc_mm/kernels/sgd.cpp'],
+        extra_compile_args=flags['cxx_flags']())
+    return [extension], {'build_ext': BuildExtension}
+
+
+ext_modules, cmdclass = kernel_extensions()
 
 
 setup(
     name='gc_mm',
-    version=version(),
+    version=run_module('version.py')['__version__'],
     description='Gradient Centralization optimizers, optim wrappers and '
     'detection configs for MMEngine / MMDetection',
-    long_description=open(osp.join(osp.dirname(__file__), 'README.md')).read(),
+    long_description=open(osp.join(HERE, 'README.md')).read(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['gc_mm', 'gc_mm.*']),
-    # The opt-in fused kernels are compiled from source on first use.
+    # Sources, for kernels compiled on first use.
     package_data={'gc_mm.kernels': ['*.cpp']},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires='>=3.9',
     install_requires=[
         'torch',

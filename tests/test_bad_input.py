@@ -21,6 +21,7 @@ BAD = [(name, kwargs, match) for names, cases in [
                  (dict(gc_mode='fc'), 'gc_mode'), (dict(lr='0.1'), 'lr')]),
     (SGD_NAMES, [(dict(momentum=-0.9), 'momentum'),
                  (dict(fused='yes'), 'fused'), (dict(blocked=None), 'blocked'),
+                 (dict(foreach=1), 'foreach'),
                  (dict(nesterov=True), 'nesterov'),
                  (dict(nesterov=True, momentum=0.9, dampening=0.1), 'nesterov')]),
     (ADAM_NAMES, [(dict(eps=-1e-8), 'eps'), (dict(betas=(0.9, 1.0)), 'betas'),
@@ -92,17 +93,15 @@ def test_fused_path_refuses_parameters_off_cpu():
     assert len(opt.param_groups) == 1
 
 
-def test_fused_path_without_a_compiler_says_so(tmp_path):
-    """A real build with no usable compiler, in a fresh process and an
+def test_kernel_build_without_a_compiler_says_so(tmp_path):
+    """The build on first use (fused=True where the kernel was not
+    installed), for real with no usable compiler, in a fresh process and an
     empty extension cache: the error names the kernel and the way out."""
-    script = (
-        'import torch, gc_mm\n'
-        'w = torch.nn.Parameter(torch.randn(3, 2)); w.grad = torch.ones(3, 2)\n'
-        'gc_mm.optimizers.SGD_GC([w], lr=0.1, fused=True).step()\n')
+    script = 'import gc_mm.kernels; gc_mm.kernels.build("sgd")\n'
     env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'),
                TORCH_EXTENSIONS_DIR=str(tmp_path / 'extensions'))
     result = subprocess.run([sys.executable, '-c', script], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert 'gc_mm/kernels/sgd.cpp' in result.stderr
-    assert 'fused=False' in result.stderr
+    assert 'fused=None' in result.stderr

@@ -60,7 +60,8 @@ def test_wrapper_equals_sgd_gc_without_decay():
         for model, wrapper in ((plain, sgd_gc), (wrapped, gc_wrapper)):
             wrapper.update_params(loss_of(model, batch(seed)))
     for (name, a), b in zip(plain.named_parameters(), wrapped.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        # Float32 rounding apart (the kernel fuses multiply-adds).
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_wrapper_gc_is_of_the_raw_gradient_before_torch_decay():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from mmengine.registry import OPTIMIZERS
 
+import gc_mm.kernels
 import gc_mm.optimizers.sgd  # registers the optimizers
 from reference import ADAM_NAMES, ALL_NAMES, SGD_NAMES, Reference, project
 
@@ -40,15 +41,20 @@ def family(name):
     return 'adam' if name in ADAM_NAMES else 'adagrad'
 
 
-# SGD's paths besides its default (cache-blocked) one.
-SGD_OTHER_PATHS = [{'blocked': False}, {'fused': True}]
-# The paths that leave gradients untouched: the default and the kernel.
-SGD_FAST_PATHS = [pytest.param({}, id='blocked'),
+# SGD's paths besides its default (on CPU the kernel built at install, else
+# the blocked path): the blocked one, the plain one, the multi-tensor one
+# (the default on an accelerator) and the kernel.
+SGD_OTHER_PATHS = [{'fused': False}, {'blocked': False}, {'foreach': True},
+                   {'fused': True}]
+# The paths that leave gradients untouched.
+SGD_FAST_PATHS = [pytest.param({'fused': False}, id='blocked'),
+                  pytest.param({'foreach': True}, id='foreach'),
                   pytest.param({'fused': True}, id='fused')]
 
 
 def paths(name):
-    """Each implementation path of an optimizer: SGD has three."""
+    """Each implementation path of an optimizer: SGD has four, and its
+    default picks one of them."""
     return [{}, *SGD_OTHER_PATHS] if name in SGD_NAMES else [{}]
 
 
@@ -293,7 +299,8 @@ def test_fast_path_blocks_of_rows_match_reference(name, block, monkeypatch):
     monkeypatch.setattr(gc_mm.optimizers.sgd, '_BLOCK_ELEMENTS', block)
     for hp in HYPER_PARAMS['sgd']:
         weights, grads = initial_weights(), gradients()
-        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads)
+        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads,
+                           fused=False)
         want = run_reference(name, hp, weights, grads)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
@@ -316,6 +323,117 @@ def test_fused_path_on_large_tensors_matches_reference(name):
         for g, w, shape in zip(got, want, FUSED_SHAPES):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12,
                                        err_msg=f'{name} {shape} {hp}')
+
+
+# Several tensors per row length (27: three convs and, under 'conv_fc', an
+# fc), more than the largest tensor (216) holds, so the multi-tensor path
+# stacks tensors in a batch and splits a row length into several batches.
+BATCHED_SHAPES = [(6, 3, 3, 3), (5, ), (8, 27), (4, 3, 3, 3), (7, ),
+                  (2, 3, 3, 3), (6, 2, 1, 1), (3, 2)]
+
+
+@pytest.mark.parametrize('name', SGD_NAMES)
+def test_multi_tensor_batches_match_reference(name):
+    for hp in HYPER_PARAMS['sgd']:
+        weights = initial_weights(shapes=BATCHED_SHAPES)
+        grads = gradients(shapes=BATCHED_SHAPES)
+        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads,
+                           foreach=True)
+        want = run_reference(name, hp, weights, grads)
+        for g, w, shape in zip(got, want, BATCHED_SHAPES):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12,
+                                       err_msg=f'{name} {shape} {hp}')
+
+
+def test_multi_tensor_batches_share_device_dtype_and_row_length():
+    params = [torch.zeros(s) for s in BATCHED_SHAPES]
+    params[3] = params[3].double()
+    batches = [(cols, [(tuple(p.shape), p.dtype) for p in batch])
+               for batch, cols in gc_mm.optimizers.sgd._batches(
+                   params, 'conv_fc', 216)]
+    f32, f64 = torch.float32, torch.float64
+    assert sorted(batches, key=str) == sorted([
+        (27, [((6, 3, 3, 3), f32)]),  # with (8, 27) it would pass 216
+        (27, [((8, 27), f32)]),
+        (27, [((2, 3, 3, 3), f32)]),
+        (27, [((4, 3, 3, 3), f64)]),
+        (0, [((5, ), f32), ((7, ), f32)]),  # not centralized
+        (2, [((6, 2, 1, 1), f32), ((3, 2), f32)]),
+    ], key=str)
+
+
+def test_install_built_the_kernel_for_this_cpu():
+    """tools/install.sh compiles the kernel, so SGD's default on CPU runs
+    it without a compile on first use."""
+    kernel = gc_mm.kernels.installed('sgd')
+    assert kernel is not None, (
+        'gc_mm was installed without its kernel: reinstall with '
+        'pip install --no-build-isolation --use-pep517 -e .')
+    assert kernel.torch_version == torch.__version__.split('+')[0]
+
+
+@pytest.mark.parametrize('device,options,path', [
+    ('cpu', {}, '_update_fused'),  # the kernel installed
+    ('meta', {}, '_update_multi_tensor'),  # any device but the CPU
+    ('cpu', {'fused': False}, '_update_blocked'),
+    ('cpu', {'foreach': True}, '_update_multi_tensor'),
+    ('cpu', {'blocked': False}, 'plain'),
+    ('meta', {'foreach': False}, '_update_blocked'),
+])
+def test_default_path_depends_on_the_device(device, options, path,
+                                            monkeypatch):
+    taken = []
+    for name in ('_update_blocked', '_update_multi_tensor', '_update_fused',
+                 '_update_tensor'):
+        original = getattr(gc_mm.optimizers.sgd._SGDBase, name)
+        monkeypatch.setattr(
+            gc_mm.optimizers.sgd._SGDBase, name,
+            lambda self, *args, name=name, original=original: (
+                taken.append(name), original(self, *args)))
+    params = [torch.nn.Parameter(torch.ones(s, device=device))
+              for s in SHAPES]
+    opt = OPTIMIZERS.build(dict(type='SGD_GC', params=params, lr=0.1,
+                                momentum=0.9, **options))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert set(taken) == {'_update_tensor' if path == 'plain' else path}
+
+
+@pytest.mark.parametrize('path', SGD_FAST_PATHS)
+def test_momentum_starts_per_tensor_when_grads_arrive_late(path):
+    """A tensor whose gradient first comes at step 2 starts its momentum
+    then, batched with tensors already under way."""
+    weights, grads = initial_weights(), gradients(steps=3)
+    results = []
+    for options in (path, {'blocked': False}):
+        params = [torch.tensor(w, requires_grad=True) for w in weights]
+        opt = OPTIMIZERS.build(dict(
+            type='SGD_GC', params=params, **HYPER_PARAMS['sgd'][2],
+            **options))
+        for step, step_grads in enumerate(grads):
+            for i, (p, g) in enumerate(zip(params, step_grads)):
+                p.grad = None if step == 0 and i % 2 else torch.tensor(g)
+            opt.step()
+        results.append(params)
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_built_on_first_use_matches_the_installed_one():
+    """Without an installed kernel, fused=True compiles the same source with
+    the same flags on first use (cached in torch's extension directory)."""
+    built = gc_mm.kernels.build('sgd')
+    assert built is not gc_mm.kernels.installed('sgd')
+    results = []
+    for kernel in (built, gc_mm.kernels.installed('sgd')):
+        torch.manual_seed(0)
+        w, g, buf = (torch.randn(*FUSED_SHAPES[1]) for _ in range(3))
+        kernel.sgd_gc_step(w, g, buf, True, 0.1, 0.01, 0.9, 0., True, False,
+                           False)
+        results.append((w, buf))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize('path', SGD_FAST_PATHS)

@@ -1,19 +1,56 @@
-"""C++ kernels of the opt-in fused optimizer paths (``fused=True``).
+"""C++ kernels of the fused optimizer paths.
 
-They are compiled with torch's own extension builder the first time a fused
-step runs (45-50 s on 2 cores) and cached in torch's extension
-directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
-so later runs load them in a tenth of a second. Processes that start together (the
-ranks of a distributed run) wait on torch's build lock and build once.
+A kernel comes from one of two builds, both for this CPU's instruction set
+(see :mod:`gc_mm.kernels.flags`):
+
+- at install: ``pip install --no-build-isolation -e .`` with torch present
+  (what tools/install.sh runs) compiles ``gc_mm/kernels/_<name>_<isa>``.
+  :func:`installed` returns it, and SGD uses it by default on CPU.
+- on first use: ``fused=True`` without an installed kernel compiles it with
+  torch's extension builder (45-50 s on 2 cores) into torch's extension
+  directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
+  where later runs load it in a tenth of a second. Processes that start
+  together (the ranks of a distributed run) wait on torch's build lock and
+  build once.
 """
+import importlib
 import os
 import os.path as osp
 import shutil
 import time
+from typing import Optional
 
+import torch
 from mmengine.logging import print_log
 
+from .flags import cxx_flags, module_name
+
 _loaded = {}
+
+
+def installed(name: str):
+    """The kernel ``name`` built at install for this CPU and this torch, or
+    None if there is none (installed without torch, or built for another
+    CPU or another torch)."""
+    key = ('installed', name)
+    if key not in _loaded:
+        _loaded[key] = _import_installed(name)
+    return _loaded[key]
+
+
+def _import_installed(name: str) -> Optional[object]:
+    try:
+        module = importlib.import_module(f'{__name__}._{module_name(name)}')
+    except ImportError:  # not built, or its symbols are not this torch's
+        return None
+    built_for = module.torch_version
+    if built_for != torch.__version__.split('+')[0]:
+        print_log(f'gc_mm: the {name} kernel installed with torch '
+                  f'{built_for} is not used with torch {torch.__version__}; '
+                  'reinstall gc_mm to rebuild it', logger='current',
+                  level='WARNING')
+        return None
+    return module
 
 
 def _put_ninja_on_path() -> None:
@@ -29,22 +66,29 @@ def _put_ninja_on_path() -> None:
     os.environ['PATH'] = ninja.BIN_DIR + os.pathsep + os.environ['PATH']
 
 
+def build(name: str):
+    """Compile ``gc_mm/kernels/<name>.cpp`` for this CPU (or load the
+    build cached by an earlier run)."""
+    from torch.utils.cpp_extension import load as load_extension
+    _put_ninja_on_path()
+    source = osp.join(osp.dirname(__file__), f'{name}.cpp')
+    start = time.perf_counter()
+    try:
+        module = load_extension(f'gc_mm_{module_name(name)}', [source],
+                                extra_cflags=cxx_flags())
+    except Exception as error:
+        raise RuntimeError(
+            f'fused=True needs gc_mm/kernels/{name}.cpp compiled, which '
+            'needs a C++ compiler (g++) and ninja; building it failed: '
+            f'{error}. Use the default path (fused=None) instead.'
+        ) from error
+    print_log(f'gc_mm: fused {name} kernel ready in '
+              f'{time.perf_counter() - start:.1f} s', logger='current')
+    return module
+
+
 def load(name: str):
-    """The compiled module of ``gc_mm/kernels/<name>.cpp``."""
+    """The kernel ``name``: the installed one, else built on first use."""
     if name not in _loaded:
-        from torch.utils.cpp_extension import load as build
-        _put_ninja_on_path()
-        source = osp.join(osp.dirname(__file__), f'{name}.cpp')
-        start = time.perf_counter()
-        try:
-            _loaded[name] = build(f'gc_mm_{name}', [source],
-                                  extra_cflags=['-O3'])
-        except Exception as error:
-            raise RuntimeError(
-                f'fused=True needs gc_mm/kernels/{name}.cpp compiled, which '
-                'needs a C++ compiler (g++) and ninja; building it failed: '
-                f'{error}. Use the default path (fused=False) instead.'
-            ) from error
-        print_log(f'gc_mm: fused {name} kernel ready in '
-                  f'{time.perf_counter() - start:.1f} s', logger='current')
+        _loaded[name] = installed(name) or build(name)
     return _loaded[name]

@@ -19,8 +19,10 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <torch/version.h>
 
 #include <algorithm>
+#include <string>
 
 namespace {
 
@@ -34,7 +36,8 @@ constexpr int kLanes = 16;
 constexpr int64_t kBlock = kLanes * 64;
 
 template <typename scalar_t, bool kCoupled>
-double row_sum(const scalar_t* g, const scalar_t* w, scalar_t wd, int64_t n) {
+double row_sum(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w,
+               scalar_t wd, int64_t n) {
   double total = 0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
@@ -59,10 +62,13 @@ struct Hyper {
 };
 
 // The second pass over elements [begin, end) given their row mean. The
-// branches test loop invariants, which the compiler hoists out of the loop.
+// branches test loop invariants, which the compiler hoists out of the loop;
+// __restrict__ (param, grad and buffer are distinct tensors) lets it
+// vectorize without run-time overlap checks.
 template <typename scalar_t>
-void update(scalar_t* w, const scalar_t* g, scalar_t* buf, int64_t begin,
-            int64_t end, scalar_t mean, const Hyper& h) {
+void update(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
+            scalar_t* __restrict__ buf, int64_t begin, int64_t end,
+            scalar_t mean, const Hyper& h) {
   const scalar_t wd = h.decoupled ? scalar_t(0) : scalar_t(h.weight_decay);
   const scalar_t keep =
       h.decoupled ? scalar_t(1 - h.lr * h.weight_decay) : scalar_t(1);
@@ -154,4 +160,9 @@ void sgd_gc_step(at::Tensor param, const at::Tensor& grad,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_gc_step", &sgd_gc_step,
         "One fused SGD step with Gradient Centralization, in place");
+  // The torch this was compiled against: an install-time build is not used
+  // with another one (gc_mm/kernels/__init__.py).
+  m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                            std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
 }

@@ -19,13 +19,15 @@ Example::
     optim_wrapper = dict(optimizer=dict(
         type='SGD_GC', lr=0.02, momentum=0.9, weight_decay=1e-4))
 
-Three paths give the same numbers to float rounding: the default
-cache-blocked path (eager torch ops), the plain path in the authors' order
-(``blocked=False``) and an opt-in C++ kernel for CPU (``fused=True``,
-compiled on first use; see :mod:`gc_mm.kernels`).
+Four paths give the same numbers to float rounding: on CPU by default the
+cache-blocked path (eager torch ops), on an accelerator by default the
+multi-tensor path (``foreach``: each op of the step runs once per batch of
+tensors, not once per tensor), the plain path in the authors' order
+(``blocked=False, foreach=False``) and an opt-in C++ kernel for CPU
+(``fused=True``, compiled on first use; see :mod:`gc_mm.kernels`).
 """
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.registry import OPTIMIZERS
@@ -51,6 +53,26 @@ def _block_shape(param: Tensor) -> Tuple[int, int]:
     return max(1, min(rows, _BLOCK_ELEMENTS // cols)), cols
 
 
+def _batches(params: List[Tensor], gc_mode: Optional[str],
+             max_elements: int) -> Iterator[Tuple[List[Tensor], int]]:
+    """Batches of the multi-tensor path, with their row length (0: not
+    centralized). A batch shares a device, a dtype and a row length, so its
+    gradients, concatenated, are one matrix whose rows GC centralizes as
+    each tensor's own; it holds at most ``max_elements`` (or one tensor)."""
+    open_batches = {}
+    for param in params:
+        cols = (param.numel() // param.shape[0]
+                if is_centralized(param, gc_mode) else 0)
+        key = (param.device, param.dtype, cols)
+        batch, size = open_batches.get(key, ([], 0))
+        if batch and size + param.numel() > max_elements:
+            yield batch, cols
+            batch, size = [], 0
+        open_batches[key] = (batch + [param], size + param.numel())
+    for (_, _, cols), (batch, _) in open_batches.items():
+        yield batch, cols
+
+
 class _SGDBase(GCOptimizer):
     """SGD with momentum and GC (Yong et al., ECCV 2020).
 
@@ -71,12 +93,25 @@ class _SGDBase(GCOptimizer):
             Both give the same numbers to float rounding. Half-precision and
             non-contiguous parameters always take the plain path. Defaults
             to True.
-        fused (bool): the C++ kernel for CPU parameters (one pass per row
-            for the row mean and one for the rest of the step, rows split
-            among threads; gradients left untouched). It is compiled the
-            first time it runs (45-50 s on 2 cores), then cached. Overrides
-            ``blocked``; half-precision and non-contiguous parameters take
-            the plain path. Defaults to False.
+        foreach (bool | None): the multi-tensor path (True: the tensors of
+            a group batched by device, dtype and row length, each op of the
+            step run once per batch with torch's ``_foreach`` ops, so a GPU
+            launches a few kernels per batch instead of several per tensor;
+            gradients left untouched; transient memory at most the largest
+            gradient). None: True for parameters off the CPU, where kernel
+            launches dominate, False on CPU, where the blocked path keeps the
+            work in cache. Overrides ``blocked``. Defaults to None.
+        fused (bool | None): the C++ kernel for CPU parameters (one pass
+            per row for the row mean and one for the rest of the step, rows
+            split among threads; gradients left untouched). None: use it
+            if it was compiled at install (``pip install
+            --no-build-isolation --use-pep517 -e .``, as tools/install.sh
+            does) and ``blocked`` and ``foreach`` are at their defaults,
+            else the blocked path. True: use it, compiling it on first use
+            if it was not installed (45-50 s on 2 cores, then cached);
+            refused for parameters off the CPU. Half-precision and
+            non-contiguous parameters take the plain path. Defaults to
+            None.
     """
 
     decoupled_weight_decay = False
@@ -90,7 +125,8 @@ class _SGDBase(GCOptimizer):
                  nesterov: bool = False,
                  gc_mode: Optional[str] = CLASS_RULE,
                  blocked: bool = True,
-                 fused: bool = False):
+                 foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None):
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -99,6 +135,7 @@ class _SGDBase(GCOptimizer):
             nesterov=nesterov,
             gc_mode=gc_mode,
             blocked=blocked,
+            foreach=foreach,
             fused=fused)
         super().__init__(params, defaults)
 
@@ -110,10 +147,13 @@ class _SGDBase(GCOptimizer):
             raise ValueError('nesterov=True needs momentum > 0 and '
                              f"dampening = 0, got momentum={group['momentum']}"
                              f", dampening={group['dampening']}")
-        for name in ('blocked', 'fused'):
-            if not isinstance(group[name], bool):
-                raise ValueError(f'{name} must be True or False, got '
-                                 f'{group[name]!r}')
+        if not isinstance(group['blocked'], bool):
+            raise ValueError(
+                f"blocked must be True or False, got {group['blocked']!r}")
+        for name in ('foreach', 'fused'):
+            if not (group[name] is None or isinstance(group[name], bool)):
+                raise ValueError(f'{name} must be None (automatic), True or '
+                                 f'False, got {group[name]!r}')
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -130,34 +170,52 @@ class _SGDBase(GCOptimizer):
         self._check_device(param, group, index)
 
     def _check_device(self, param: Tensor, group: dict, index: int) -> None:
-        if group['fused'] and not param.is_cpu:
+        if group['fused'] is True and not param.is_cpu:
             raise RuntimeError(
                 f'{type(self).__name__}(fused=True) runs on CPU parameters '
                 f'only (gc_mm has no {param.device.type} kernel yet); param '
                 f'group {index} has one on {param.device}. Use the default '
-                'path (fused=False), which runs on any device.')
+                'path (fused=None), which runs on any device.')
 
     def _update_group(self, group: dict, params) -> None:
-        if not (group['blocked'] or group['fused']):
-            super()._update_group(group, params)
-            return
-        # The fast paths, per tensor. The fused kernel does the whole step
-        # row by row in C++. The blocked path takes blocks of whole rows that
-        # fit in the CPU cache, so each element of grad, param and buffer is
-        # read from memory once and every later op of the step hits the
-        # cache; GC is row-local, so a block of rows is centralized exactly
-        # as the whole. Its direction lives in a scratch buffer (one block; a
-        # whole tensor on an accelerator, where blocking buys nothing). Both
-        # leave gradients untouched and hold no memory between steps.
-        scratch = {}  # one block per dtype and device, for the whole step
+        # The fast paths leave gradients untouched and hold no memory
+        # between steps. Half-precision (float32 maths), empty and
+        # non-contiguous tensors take the plain path on every setting.
+        plain, blocked, multi_tensor = [], [], []
         for param in params:
             if param.dtype in HALF_DTYPES or param.numel() == 0 or not (
                     param.is_contiguous() and param.grad.is_contiguous()):
-                super()._update_group(group, [param])
-                continue
-            if group['fused']:
+                plain.append(param)
+            elif group['fused'] or self._installed_kernel(param, group):
                 self._update_fused(param, group)
-                continue
+            elif (not param.is_cpu if group['foreach'] is None else
+                  group['foreach']):
+                multi_tensor.append(param)
+            else:
+                (blocked if group['blocked'] else plain).append(param)
+        if plain:
+            super()._update_group(group, plain)
+        if blocked:
+            self._update_blocked(group, blocked)
+        if multi_tensor:
+            self._update_multi_tensor(group, multi_tensor)
+
+    @staticmethod
+    def _installed_kernel(param: Tensor, group: dict) -> bool:
+        """Whether the default (fused=None) takes the installed kernel: for
+        a CPU parameter, unless another path was asked for."""
+        return (group['fused'] is None and param.is_cpu
+                and group['blocked'] and group['foreach'] is not True
+                and kernels.installed('sgd') is not None)
+
+    def _update_blocked(self, group: dict, params: List[Tensor]) -> None:
+        # Blocks of whole rows that fit in the CPU cache, so each element of
+        # grad, param and buffer is read from memory once and every later op
+        # of the step hits the cache; GC is row-local, so a block of rows is
+        # centralized exactly as the whole. The direction lives in a scratch
+        # buffer (one block; a whole tensor on an accelerator).
+        scratch = {}  # one block per dtype and device, for the whole step
+        for param in params:
             key = (param.dtype, param.device)
             if key not in scratch:
                 # Allocated once at its largest, so the step touches fresh
@@ -166,6 +224,44 @@ class _SGDBase(GCOptimizer):
                     math.prod(_block_shape(p)) for p in params
                     if (p.dtype, p.device) == key))
             self._update_in_blocks(param, group, scratch[key])
+
+    def _update_multi_tensor(self, group: dict, params: List[Tensor]) -> None:
+        lr, weight_decay = group['lr'], group['weight_decay']
+        momentum, dampening = group['momentum'], group['dampening']
+        largest = max(param.numel() for param in params)
+        for batch, cols in _batches(params, group['gc_mode'], largest):
+            # The batch's directions, in one buffer: GC centralizes them as
+            # one matrix of rows, one reduction for the whole batch.
+            flat = torch.cat([param.grad.view(-1) for param in batch])
+            directions = [
+                chunk.view_as(param) for chunk, param in zip(
+                    flat.split([param.numel() for param in batch]), batch)
+            ]
+            if weight_decay and not self.decoupled_weight_decay:
+                torch._foreach_add_(directions, batch, alpha=weight_decay)
+            if cols:
+                centralize_([flat.view(-1, cols)])
+            if momentum:
+                bufs, old_bufs, old_directions = [], [], []
+                for param, direction in zip(batch, directions):
+                    state = self.state[param]
+                    if 'momentum_buffer' in state:
+                        old_bufs.append(state['momentum_buffer'])
+                        old_directions.append(direction)
+                    else:
+                        state['momentum_buffer'] = direction.clone()
+                    bufs.append(state['momentum_buffer'])
+                if old_bufs:
+                    torch._foreach_mul_(old_bufs, momentum)
+                    torch._foreach_add_(old_bufs, old_directions,
+                                        alpha=1 - dampening)
+                if group['nesterov']:
+                    torch._foreach_add_(directions, bufs, alpha=momentum)
+                else:
+                    directions = bufs
+            if weight_decay and self.decoupled_weight_decay:
+                torch._foreach_mul_(batch, 1 - lr * weight_decay)
+            torch._foreach_add_(batch, directions, alpha=-lr)
 
     def _update_in_blocks(self, param: Tensor, group: dict,
                           scratch: Tensor) -> None:

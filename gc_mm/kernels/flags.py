@@ -1,0 +1,29 @@
+"""How gc_mm's kernels are compiled, shared by setup.py (install-time
+build) and :func:`gc_mm.kernels.load` (build on first use).
+
+A kernel is built for the instruction set torch detects on this CPU and
+named after it (``sgd_avx2``), so a build is only ever loaded on a CPU that
+runs it (a home directory or an install shared by different machines holds
+one build per instruction set), and the compiler may use the vector units
+the CPU has (AVX2 and FMA: about 15% off the SGD step on the machine it was
+measured on, docs/benchmark.md).
+"""
+import torch
+
+# torch.backends.cpu.get_cpu_capability() -> the compiler flags it allows.
+_ISA_FLAGS = {
+    'AVX2': ['-mavx2', '-mfma'],
+    'AVX512': ['-mavx2', '-mfma', '-mavx512f', '-mavx512bw', '-mavx512vl',
+               '-mavx512dq'],
+}
+
+
+def module_name(kernel: str) -> str:
+    """The name of ``kernel``'s module built for this CPU, e.g. sgd_avx2."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f'{kernel}_{isa.lower() if isa in _ISA_FLAGS else "generic"}'
+
+
+def cxx_flags() -> list:
+    return ['-O3', *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(),
+                                   [])]
