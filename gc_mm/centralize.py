@@ -3,7 +3,7 @@
 Yong et al., "Gradient Centralization: A New Optimization Technique for Deep
 Neural Networks", ECCV 2020. For a weight gradient G with one row per output
 unit, ``P(G) = G - mean(G over every dim but dim 0)``. Every optimizer and
-optim wrapper calls :func:`centralize_`; the one exception is the opt-in C++
+optim wrapper calls :func:`centralize_`; the one exception is the C++
 kernel (gc_mm/kernels/sgd.cpp), which fuses the same maths into SGD's step
 and is held to the same float64 reference by the tests.
 """

@@ -420,6 +420,27 @@ def test_momentum_starts_per_tensor_when_grads_arrive_late(path):
         torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
 
 
+def test_fused_path_gives_the_same_bits_on_any_number_of_threads():
+    """Rows are split among threads, each row summed by one of them, so
+    the thread count does not change a bit of the result."""
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got, _ = run_gc_mm('SGD_GC', HYPER_PARAMS['sgd'][2],
+                               torch.float32,
+                               initial_weights(shapes=FUSED_SHAPES),
+                               gradients(steps=2, shapes=FUSED_SHAPES),
+                               fused=True)
+            results.append(got)
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        for a, b in zip(results[0], got):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_kernel_built_on_first_use_matches_the_installed_one():
     """Without an installed kernel, fused=True compiles the same source with
     the same flags on first use (cached in torch's extension directory)."""

@@ -25,5 +25,15 @@ def module_name(kernel: str) -> str:
 
 
 def cxx_flags() -> list:
-    return ['-O3', *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(),
-                                   [])]
+    flags = ['-O3', *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(),
+                                    [])]
+    # Python's own compile flags, which setup.py's build starts from, have
+    # -fwrapv; it keeps the compiler from vectorizing the row loops (the
+    # step ran 2x slower).
+    flags.append('-fno-wrapv')
+    # at::parallel_for splits the rows among torch's threads only in code
+    # compiled with OpenMP (torch's own runtime runs it); without the flag
+    # the kernel runs on one thread.
+    if torch.backends.openmp.is_available():
+        flags.append('-fopenmp')
+    return flags

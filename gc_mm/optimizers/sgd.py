@@ -19,12 +19,12 @@ Example::
     optim_wrapper = dict(optimizer=dict(
         type='SGD_GC', lr=0.02, momentum=0.9, weight_decay=1e-4))
 
-Four paths give the same numbers to float rounding: on CPU by default the
-cache-blocked path (eager torch ops), on an accelerator by default the
-multi-tensor path (``foreach``: each op of the step runs once per batch of
-tensors, not once per tensor), the plain path in the authors' order
-(``blocked=False, foreach=False``) and an opt-in C++ kernel for CPU
-(``fused=True``, compiled on first use; see :mod:`gc_mm.kernels`).
+Four paths give the same numbers to float rounding. By default CPU
+parameters take the C++ kernel compiled at install (``fused``, see
+:mod:`gc_mm.kernels`; without one, the cache-blocked path of eager torch
+ops) and parameters elsewhere the multi-tensor path (``foreach``: each op
+of the step runs once per batch of tensors, not once per tensor). The
+plain path (``blocked=False``) is the authors' order, tensor by tensor.
 """
 import math
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -87,31 +87,29 @@ class _SGDBase(GCOptimizer):
         gc_mode (str | None): 'conv_fc', 'conv' or None (GC off); defaults to
             the class's rule ('conv_fc' for *_GC, 'conv' for *_GCC). A param
             group may set its own; None there turns GC off for that group.
-        blocked (bool): the fast path (True: rows in cache-sized blocks,
-            fewer passes over memory, gradients left untouched) or the plain
-            path in the authors' order (False: gradients used as scratch).
-            Both give the same numbers to float rounding. Half-precision and
-            non-contiguous parameters always take the plain path. Defaults
-            to True.
-        foreach (bool | None): the multi-tensor path (True: the tensors of
-            a group batched by device, dtype and row length, each op of the
+        fused (bool | None): the C++ kernel, for CPU parameters (one pass
+            per row for the row mean and one for the rest of the step, rows
+            split among threads). True: use it, compiling it on first use
+            if it was not installed (45-50 s on 2 cores, then cached);
+            refused for parameters off the CPU. None: use it on CPU if it
+            was compiled at install (``pip install --no-build-isolation
+            --use-pep517 -e .``, as tools/install.sh does) and no other
+            path is asked for below. Defaults to None.
+        foreach (bool | None): the multi-tensor path (the tensors of a
+            group batched by device, dtype and row length, each op of the
             step run once per batch with torch's ``_foreach`` ops, so a GPU
             launches a few kernels per batch instead of several per tensor;
-            gradients left untouched; transient memory at most the largest
-            gradient). None: True for parameters off the CPU, where kernel
-            launches dominate, False on CPU, where the blocked path keeps the
-            work in cache. Overrides ``blocked``. Defaults to None.
-        fused (bool | None): the C++ kernel for CPU parameters (one pass
-            per row for the row mean and one for the rest of the step, rows
-            split among threads; gradients left untouched). None: use it
-            if it was compiled at install (``pip install
-            --no-build-isolation --use-pep517 -e .``, as tools/install.sh
-            does) and ``blocked`` and ``foreach`` are at their defaults,
-            else the blocked path. True: use it, compiling it on first use
-            if it was not installed (45-50 s on 2 cores, then cached);
-            refused for parameters off the CPU. Half-precision and
-            non-contiguous parameters take the plain path. Defaults to
-            None.
+            transient memory at most the largest gradient). None: on for
+            parameters off the CPU, where kernel launches dominate. Defaults
+            to None.
+        blocked (bool): where neither of the above applies, rows in
+            cache-sized blocks (True) or the plain path in the authors'
+            order (False: gradients used as scratch; with ``fused=None`` it
+            also turns the installed kernel off). Defaults to True.
+
+    All paths give the same numbers to float rounding; all but the plain
+    one leave gradients untouched. Half-precision, empty and non-contiguous
+    parameters always take the plain path.
     """
 
     decoupled_weight_decay = False
@@ -124,9 +122,9 @@ class _SGDBase(GCOptimizer):
                  weight_decay: float = 0.,
                  nesterov: bool = False,
                  gc_mode: Optional[str] = CLASS_RULE,
-                 blocked: bool = True,
+                 fused: Optional[bool] = None,
                  foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None):
+                 blocked: bool = True):
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -134,9 +132,9 @@ class _SGDBase(GCOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             gc_mode=gc_mode,
-            blocked=blocked,
+            fused=fused,
             foreach=foreach,
-            fused=fused)
+            blocked=blocked)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
