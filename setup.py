@@ -7,11 +7,12 @@ config inheritance import pkg_resources, which setuptools 82 removed)::
 
     pip install torch "setuptools>=77,<82" wheel ninja
     MMCV_WITH_OPS=1 pip install --no-build-isolation mmcv==2.1.0
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation --use-pep517 -e .
 
 With torch importable at build time (no build isolation), the C++ kernels
 of gc_mm/kernels are compiled here, for this CPU, and used by default;
-without it they are compiled on first use of ``fused=True``.
+without it they are compiled on first use of ``fused=True``. (pip 23 needs
+``--use-pep517`` for an editable install to build them.)
 """
 import os.path as osp
 

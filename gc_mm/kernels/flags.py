@@ -5,8 +5,8 @@ A kernel is built for the instruction set torch detects on this CPU and
 named after it (``sgd_avx2``), so a build is only ever loaded on a CPU that
 runs it (a home directory or an install shared by different machines holds
 one build per instruction set), and the compiler may use the vector units
-the CPU has (AVX2 and FMA: about 15% off the SGD step on the machine it was
-measured on, docs/benchmark.md).
+the CPU has (AVX2 and FMA; docs/benchmark.md has what they and the
+threads below are worth).
 """
 import torch
 
