@@ -372,6 +372,22 @@ def test_install_built_the_kernel_for_this_cpu():
     assert kernel.torch_version == torch.__version__.split('+')[0]
 
 
+def test_installed_kernel_is_not_used_with_another_torch(monkeypatch):
+    """After a torch upgrade the installed build is left alone (with a
+    warning to reinstall) and SGD takes the blocked path."""
+    monkeypatch.setattr(torch, '__version__', '9.9.9')
+    assert gc_mm.kernels.installed.__wrapped__('sgd') is None
+    gc_mm.kernels.installed.cache_clear()
+    try:
+        params = [torch.nn.Parameter(torch.ones(4, 3))]
+        opt = OPTIMIZERS.build(dict(type='SGD_GC', params=params, lr=0.1))
+        params[0].grad = torch.ones(4, 3)
+        opt.step()  # the blocked path, no kernel
+        assert gc_mm.kernels.installed('sgd') is None
+    finally:
+        gc_mm.kernels.installed.cache_clear()
+
+
 @pytest.mark.parametrize('device,options,path', [
     ('cpu', {}, '_update_fused'),  # the kernel installed
     ('meta', {}, '_update_multi_tensor'),  # any device but the CPU

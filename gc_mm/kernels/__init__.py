@@ -3,8 +3,9 @@
 A kernel comes from one of two builds, both for this CPU's instruction set
 (see :mod:`gc_mm.kernels.flags`):
 
-- at install: ``pip install --no-build-isolation -e .`` with torch present
-  (what tools/install.sh runs) compiles ``gc_mm/kernels/_<name>_<isa>``.
+- at install: ``pip install --no-build-isolation --use-pep517 -e .`` with
+  torch present (what tools/install.sh runs) compiles
+  ``gc_mm/kernels/_<name>_<isa>``.
   :func:`installed` returns it, and SGD uses it by default on CPU.
 - on first use: ``fused=True`` without an installed kernel compiles it with
   torch's extension builder (45-50 s on 2 cores) into torch's extension
@@ -13,7 +14,9 @@ A kernel comes from one of two builds, both for this CPU's instruction set
   together (the ranks of a distributed run) wait on torch's build lock and
   build once.
 """
+import functools
 import importlib
+import logging
 import os
 import os.path as osp
 import shutil
@@ -28,17 +31,11 @@ from .flags import cxx_flags, module_name
 _loaded = {}
 
 
-def installed(name: str):
+@functools.cache
+def installed(name: str) -> Optional[object]:
     """The kernel ``name`` built at install for this CPU and this torch, or
     None if there is none (installed without torch, or built for another
     CPU or another torch)."""
-    key = ('installed', name)
-    if key not in _loaded:
-        _loaded[key] = _import_installed(name)
-    return _loaded[key]
-
-
-def _import_installed(name: str) -> Optional[object]:
     try:
         module = importlib.import_module(f'{__name__}._{module_name(name)}')
     except ImportError:  # not built, or its symbols are not this torch's
@@ -48,7 +45,7 @@ def _import_installed(name: str) -> Optional[object]:
         print_log(f'gc_mm: the {name} kernel installed with torch '
                   f'{built_for} is not used with torch {torch.__version__}; '
                   'reinstall gc_mm to rebuild it', logger='current',
-                  level='WARNING')
+                  level=logging.WARNING)
         return None
     return module
 

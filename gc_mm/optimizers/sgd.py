@@ -184,7 +184,7 @@ class _SGDBase(GCOptimizer):
             if param.dtype in HALF_DTYPES or param.numel() == 0 or not (
                     param.is_contiguous() and param.grad.is_contiguous()):
                 plain.append(param)
-            elif group['fused'] or self._installed_kernel(param, group):
+            elif group['fused'] or self._takes_installed_kernel(param, group):
                 self._update_fused(param, group)
             elif (not param.is_cpu if group['foreach'] is None else
                   group['foreach']):
@@ -199,7 +199,7 @@ class _SGDBase(GCOptimizer):
             self._update_multi_tensor(group, multi_tensor)
 
     @staticmethod
-    def _installed_kernel(param: Tensor, group: dict) -> bool:
+    def _takes_installed_kernel(param: Tensor, group: dict) -> bool:
         """Whether the default (fused=None) takes the installed kernel: for
         a CPU parameter, unless another path was asked for."""
         return (group['fused'] is None and param.is_cpu
