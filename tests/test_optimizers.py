@@ -310,21 +310,6 @@ def test_fast_path_blocks_of_rows_match_reference(name, block, monkeypatch):
 # partial sums (1024) with a remainder, rows shared among threads (over
 # 2**15 elements), a long 1-D tensor (split by elements), a conv.
 FUSED_SHAPES = [(3, 2500), (40, 1001), (70001, ), (64, 33, 3, 3)]
-
-
-@pytest.mark.parametrize('name', SGD_NAMES)
-def test_fused_path_on_large_tensors_matches_reference(name):
-    for hp in HYPER_PARAMS['sgd']:
-        weights = initial_weights(shapes=FUSED_SHAPES)
-        grads = gradients(steps=3, shapes=FUSED_SHAPES)
-        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads,
-                           fused=True)
-        want = run_reference(name, hp, weights, grads)
-        for g, w, shape in zip(got, want, FUSED_SHAPES):
-            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12,
-                                       err_msg=f'{name} {shape} {hp}')
-
-
 # Several tensors per row length (27: three convs and, under 'conv_fc', an
 # fc), more than the largest tensor (216) holds, so the multi-tensor path
 # stacks tensors in a batch and splits a row length into several batches.
@@ -333,14 +318,18 @@ BATCHED_SHAPES = [(6, 3, 3, 3), (5, ), (8, 27), (4, 3, 3, 3), (7, ),
 
 
 @pytest.mark.parametrize('name', SGD_NAMES)
-def test_multi_tensor_batches_match_reference(name):
+@pytest.mark.parametrize('path,shapes', [
+    pytest.param({'fused': True}, FUSED_SHAPES, id='fused'),
+    pytest.param({'foreach': True}, BATCHED_SHAPES, id='foreach'),
+])
+def test_paths_on_shapes_that_split_their_work_match_reference(
+        name, path, shapes):
     for hp in HYPER_PARAMS['sgd']:
-        weights = initial_weights(shapes=BATCHED_SHAPES)
-        grads = gradients(shapes=BATCHED_SHAPES)
-        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads,
-                           foreach=True)
+        weights = initial_weights(shapes=shapes)
+        grads = gradients(steps=3, shapes=shapes)
+        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads, **path)
         want = run_reference(name, hp, weights, grads)
-        for g, w, shape in zip(got, want, BATCHED_SHAPES):
+        for g, w, shape in zip(got, want, shapes):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12,
                                        err_msg=f'{name} {shape} {hp}')
 
