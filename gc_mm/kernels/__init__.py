@@ -28,8 +28,6 @@ from mmengine.logging import print_log
 
 from .flags import cxx_flags, module_name
 
-_loaded = {}
-
 
 @functools.cache
 def installed(name: str) -> Optional[object]:
@@ -84,8 +82,7 @@ def build(name: str):
     return module
 
 
+@functools.cache
 def load(name: str):
     """The kernel ``name``: the installed one, else built on first use."""
-    if name not in _loaded:
-        _loaded[name] = installed(name) or build(name)
-    return _loaded[name]
+    return installed(name) or build(name)

@@ -181,30 +181,28 @@ class _SGDBase(GCOptimizer):
         # non-contiguous tensors take the plain path on every setting.
         plain, blocked, multi_tensor = [], [], []
         for param in params:
+            foreach = (not param.is_cpu if group['foreach'] is None else
+                       group['foreach'])
             if param.dtype in HALF_DTYPES or param.numel() == 0 or not (
                     param.is_contiguous() and param.grad.is_contiguous()):
                 plain.append(param)
-            elif group['fused'] or self._takes_installed_kernel(param, group):
+            elif group['fused']:
                 self._update_fused(param, group)
-            elif (not param.is_cpu if group['foreach'] is None else
-                  group['foreach']):
+            elif foreach:
                 multi_tensor.append(param)
+            elif not group['blocked']:
+                plain.append(param)
+            elif (group['fused'] is None and param.is_cpu
+                  and kernels.installed('sgd') is not None):
+                self._update_fused(param, group)
             else:
-                (blocked if group['blocked'] else plain).append(param)
+                blocked.append(param)
         if plain:
             super()._update_group(group, plain)
         if blocked:
             self._update_blocked(group, blocked)
         if multi_tensor:
             self._update_multi_tensor(group, multi_tensor)
-
-    @staticmethod
-    def _takes_installed_kernel(param: Tensor, group: dict) -> bool:
-        """Whether the default (fused=None) takes the installed kernel: for
-        a CPU parameter, unless another path was asked for."""
-        return (group['fused'] is None and param.is_cpu
-                and group['blocked'] and group['foreach'] is not True
-                and kernels.installed('sgd') is not None)
 
     def _update_blocked(self, group: dict, params: List[Tensor]) -> None:
         # Blocks of whole rows that fit in the CPU cache, so each element of
@@ -240,15 +238,19 @@ class _SGDBase(GCOptimizer):
             if cols:
                 centralize_([flat.view(-1, cols)])
             if momentum:
-                bufs, old_bufs, old_directions = [], [], []
+                bufs, new_bufs, new_directions = [], [], []
+                old_bufs, old_directions = [], []
                 for param, direction in zip(batch, directions):
-                    state = self.state[param]
-                    if 'momentum_buffer' in state:
-                        old_bufs.append(state['momentum_buffer'])
-                        old_directions.append(direction)
+                    buf, first_step = self._momentum_buffer(param, momentum)
+                    bufs.append(buf)
+                    if first_step:
+                        new_bufs.append(buf)
+                        new_directions.append(direction)
                     else:
-                        state['momentum_buffer'] = direction.clone()
-                    bufs.append(state['momentum_buffer'])
+                        old_bufs.append(buf)
+                        old_directions.append(direction)
+                if new_bufs:
+                    torch._foreach_copy_(new_bufs, new_directions)
                 if old_bufs:
                     torch._foreach_mul_(old_bufs, momentum)
                     torch._foreach_add_(old_bufs, old_directions,
