@@ -248,6 +248,13 @@ def test_benchmark_runs_and_writes_json(tmp_path):
     # The kernel installed by tools/install.sh is SGD_GC's default on CPU.
     assert report['kernel_installed'] and report['kernel_load_s'] >= 0
     assert 'gc_mm SGD_GC (default: C++ kernel)' in report['sgd']
+    # torch's fastest steps are among those compared, and the wrapper
+    # wraps them.
+    for name in ('torch SGD fused', 'GCOptimWrapper(torch SGD fused)'):
+        assert name in report['sgd']
+    for name in ('torch Adam fused', 'torch AdamW fused',
+                 'GCOptimWrapper(torch AdamW fused)'):
+        assert name in report['adam']
     # The end-to-end mode compares the real twin pair, not a config with
     # itself.
     e2e = report['e2e']
@@ -259,7 +266,8 @@ def test_benchmark_runs_and_writes_json(tmp_path):
 def test_benchmark_variants_step_off_the_cpu():
     """Off the CPU (here the meta device, which runs every op without data)
     the benchmark times SGD_GC's multi-tensor default and leaves out the
-    CPU-only kernel; every variant builds and steps."""
+    CPU-only kernel, and torch's fused steps where torch has none; every
+    variant builds and steps."""
     sys.path.insert(0, osp.join(REPO, 'tools/analysis'))
     try:
         import benchmark_gc
@@ -271,6 +279,8 @@ def test_benchmark_variants_step_off_the_cpu():
         results = benchmark_gc.time_steps(shapes, family, device, 1, 0)
         assert len(results) == 7 and all(
             r['ms'] > 0 for r in results.values())
+    assert not any('fused' in name for family in ('sgd', 'adam')
+                   for name in benchmark_gc.variants(family, device))
     assert list(benchmark_gc.variants('sgd', device))[2:5] == [
         'gc_mm SGD_GC (blocked)', 'gc_mm SGD_GC (default: multi-tensor)',
         'gc_mm SGD_GC (plain path)']

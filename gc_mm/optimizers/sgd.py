@@ -175,34 +175,44 @@ class _SGDBase(GCOptimizer):
                 f'group {index} has one on {param.device}. Use the default '
                 'path (fused=None), which runs on any device.')
 
+    def _path(self, group: dict, on_cpu: bool) -> str:
+        """The path a regular tensor takes, in the order docs/benchmark.md
+        gives."""
+        if group['fused']:
+            return 'fused'
+        if not on_cpu if group['foreach'] is None else group['foreach']:
+            return 'multi_tensor'
+        if not group['blocked']:
+            return 'plain'
+        if (group['fused'] is None and on_cpu
+                and kernels.installed('sgd') is not None):
+            return 'fused'
+        return 'blocked'
+
     def _update_group(self, group: dict, params) -> None:
         # The fast paths leave gradients untouched and hold no memory
         # between steps. Half-precision (float32 maths), empty and
         # non-contiguous tensors take the plain path on every setting.
-        plain, blocked, multi_tensor = [], [], []
+        paths = {name: [] for name in ('fused', 'plain', 'blocked',
+                                       'multi_tensor')}
+        # Decided once per group and device kind, not per tensor: the
+        # step's Python time is a few percent of the kernel's.
+        by_device = {on_cpu: paths[self._path(group, on_cpu)]
+                     for on_cpu in (True, False)}
         for param in params:
-            foreach = (not param.is_cpu if group['foreach'] is None else
-                       group['foreach'])
             if param.dtype in HALF_DTYPES or param.numel() == 0 or not (
                     param.is_contiguous() and param.grad.is_contiguous()):
-                plain.append(param)
-            elif group['fused']:
-                self._update_fused(param, group)
-            elif foreach:
-                multi_tensor.append(param)
-            elif not group['blocked']:
-                plain.append(param)
-            elif (group['fused'] is None and param.is_cpu
-                  and kernels.installed('sgd') is not None):
-                self._update_fused(param, group)
+                paths['plain'].append(param)
             else:
-                blocked.append(param)
-        if plain:
-            super()._update_group(group, plain)
-        if blocked:
-            self._update_blocked(group, blocked)
-        if multi_tensor:
-            self._update_multi_tensor(group, multi_tensor)
+                by_device[param.is_cpu].append(param)
+        if paths['fused']:
+            self._update_fused(group, paths['fused'])
+        if paths['plain']:
+            super()._update_group(group, paths['plain'])
+        if paths['blocked']:
+            self._update_blocked(group, paths['blocked'])
+        if paths['multi_tensor']:
+            self._update_multi_tensor(group, paths['multi_tensor'])
 
     def _update_blocked(self, group: dict, params: List[Tensor]) -> None:
         # Blocks of whole rows that fit in the CPU cache, so each element of
@@ -312,14 +322,16 @@ class _SGDBase(GCOptimizer):
             state['momentum_buffer'] = torch.empty_like(param)
         return state['momentum_buffer'], first_step
 
-    def _update_fused(self, param: Tensor, group: dict) -> None:
-        momentum = group['momentum']
-        buf, first_step = self._momentum_buffer(param, momentum)
-        kernels.load('sgd').sgd_gc_step(
-            param, param.grad, buf,
-            is_centralized(param, group['gc_mode']), group['lr'],
-            group['weight_decay'], momentum, group['dampening'],
-            group['nesterov'], self.decoupled_weight_decay, first_step)
+    def _update_fused(self, group: dict, params: List[Tensor]) -> None:
+        step = kernels.load('sgd').sgd_gc_step
+        options = (group['lr'], group['weight_decay'], group['momentum'],
+                   group['dampening'], group['nesterov'],
+                   self.decoupled_weight_decay)
+        for param in params:
+            buf, first_step = self._momentum_buffer(param, group['momentum'])
+            step(param, param.grad, buf,
+                 is_centralized(param, group['gc_mode']), *options,
+                 first_step)
 
     def _update_tensor(self, param: Tensor, grad: Tensor,
                        state: Dict[str, Tensor], group: dict) -> None:

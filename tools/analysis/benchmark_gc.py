@@ -105,16 +105,35 @@ SGD = dict(lr=0.02, momentum=0.9, weight_decay=1e-4)
 ADAM = dict(lr=1e-4, weight_decay=1e-4)
 
 
+def torch_fuses_on(device: torch.device) -> bool:
+    """Whether torch.optim has fused (one kernel per step) SGD and Adam for
+    tensors on this device (CPU and CUDA in torch 2.13)."""
+    param = torch.zeros(1, device=device, requires_grad=True)
+    param.grad = torch.zeros_like(param)
+    try:  # torch checks the device in the first step
+        torch.optim.SGD([param], lr=0.1, fused=True).step()
+    except RuntimeError:
+        return False
+    return True
+
+
 def variants(family: str, device: torch.device):
     """name -> function(params) returning an optimizer or optim wrapper."""
     reg = gc_mm.optimizers
+    on_cpu = device.type == 'cpu'
+    fuses = torch_fuses_on(device)
+    # torch's implementations; GCOptimWrapper wraps the fastest one there
+    # is (fused, else foreach off the CPU and the for-loop on it).
+    implementations = {'foreach': dict(foreach=True),
+                       'for-loop': dict(foreach=False)}
+    if fuses:
+        implementations['fused'] = dict(fused=True)
+    fastest = 'fused' if fuses else 'for-loop' if on_cpu else 'foreach'
     if family == 'sgd':
-        on_cpu = device.type == 'cpu'
         sgd = {
-            'torch SGD foreach': lambda p: torch.optim.SGD(
-                p, foreach=True, **SGD),
-            'torch SGD for-loop': lambda p: torch.optim.SGD(
-                p, foreach=False, **SGD),
+            f'torch SGD {name}': lambda p, options=options: torch.optim.SGD(
+                p, **options, **SGD)
+            for name, options in implementations.items()
         }
         # Each path of SGD_GC, asked for by name; the one its defaults pick
         # on this device is labelled so.
@@ -134,26 +153,26 @@ def variants(family: str, device: torch.device):
         sgd.update({
             "authors' SGD_GC (per tensor)": lambda p: AuthorsSGD_GC(
                 p, **SGD),
-            # The wrapper around torch's fastest SGD on the device.
-            f'GCOptimWrapper(torch SGD {"for-loop" if on_cpu else "foreach"})':
-            lambda p: GCOptimWrapper(
-                torch.optim.SGD(p, foreach=not on_cpu, **SGD)),
+            f'GCOptimWrapper(torch SGD {fastest})': lambda p: GCOptimWrapper(
+                torch.optim.SGD(p, **implementations[fastest], **SGD)),
         })
         return sgd
-    return {
-        'torch Adam foreach': lambda p: torch.optim.Adam(
-            p, foreach=True, **ADAM),
-        'torch Adam for-loop': lambda p: torch.optim.Adam(
-            p, foreach=False, **ADAM),
-        'torch AdamW for-loop': lambda p: torch.optim.AdamW(
-            p, foreach=False, **ADAM),
+    adam = {}
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        for name, options in implementations.items():
+            if cls is torch.optim.AdamW and name == 'foreach':
+                continue  # the same loops as Adam's foreach
+            adam[f'torch {cls.__name__} {name}'] = (
+                lambda p, cls=cls, options=options: cls(p, **options, **ADAM))
+    adam.update({
         'gc_mm Adam_GC': lambda p: reg.Adam_GC(p, **ADAM),
         'gc_mm AdamW_GC': lambda p: reg.AdamW_GC(p, **ADAM),
         "authors' Adam_GC (per tensor)": lambda p: AuthorsAdam_GC(
             p, **ADAM),
-        'GCOptimWrapper(torch AdamW for-loop)': lambda p: GCOptimWrapper(
-            torch.optim.AdamW(p, foreach=False, **ADAM)),
-    }
+        f'GCOptimWrapper(torch AdamW {fastest})': lambda p: GCOptimWrapper(
+            torch.optim.AdamW(p, **implementations[fastest], **ADAM)),
+    })
+    return adam
 
 
 def sync(device):
