@@ -405,6 +405,31 @@ def test_default_path_depends_on_the_device(device, options, path,
     assert set(taken) == {'_update_tensor' if path == 'plain' else path}
 
 
+@pytest.mark.parametrize('name', ['Adam_GC', 'Adam_GCC'])
+@pytest.mark.parametrize('torch_fused', [True, False],
+                         ids=['torch-fused', 'plain'])
+def test_adam_gc_paths_match_reference(name, torch_fused, monkeypatch):
+    """Adam_GC(C) hands the update to torch's fused Adam on CPU and CUDA
+    and takes the plain path elsewhere; both match the reference."""
+    calls = []
+    original = torch._fused_adam_
+    monkeypatch.setattr(torch, '_fused_adam_', lambda *args, **kwargs: (
+        calls.append(len(args[0])), original(*args, **kwargs)))
+    if not torch_fused:
+        monkeypatch.setattr(gc_mm.optimizers.adam,
+                            '_TORCH_FUSED_ADAM_DEVICES', ())
+    for hp in HYPER_PARAMS['adam']:
+        weights, grads = initial_weights(), gradients()
+        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads)
+        want = run_reference(name, hp, weights, grads)
+        for g, w, shape in zip(got, want, SHAPES):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12,
+                                       err_msg=f'{name} {shape} {hp}')
+    # One call per step, for all the tensors of the group.
+    assert calls == ([len(SHAPES)] * len(grads) * len(HYPER_PARAMS['adam'])
+                     if torch_fused else [])
+
+
 @pytest.mark.parametrize('path', SGD_FAST_PATHS)
 def test_momentum_starts_per_tensor_when_grads_arrive_late(path):
     """A tensor whose gradient first comes at step 2 starts its momentum
