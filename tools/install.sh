@@ -2,7 +2,7 @@
 # Sets up .venv/ with gc_mm and its stack (torch 2.13 CPU, mmengine, mmcv
 # 2.1.0 built with its ops, mmdet 3.3, pycocotools, pytest).
 # The first run builds mmcv (about 20 minutes on 2 cores; pip caches the
-# wheel) and gc_mm's kernel (about a minute); later runs take seconds.
+# wheel) and gc_mm's kernel (about 90 s); later runs take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -16,14 +16,14 @@ if ! .venv/bin/python -c 'import mmcv.ops' 2>/dev/null; then
     MMCV_WITH_OPS=1 pip install --no-build-isolation mmcv==2.1.0
 fi
 # gc_mm, editable. setup.py compiles its C++ kernel for this CPU against
-# the torch above (about a minute; --use-pep517 makes pip 23 run setup.py's
+# the torch above (about 90 s; --use-pep517 makes pip 23 run setup.py's
 # build, whose legacy `develop` would skip it), so this is skipped while
 # the kernel is installed and newer than everything it is built from.
 kernel=$(ls gc_mm/kernels/_sgd_*.so 2>/dev/null | head -n1 || true)
 if [ -z "$kernel" ] \
     || [ -n "$(find setup.py gc_mm/kernels -newer "$kernel" \( -name '*.py' -o -name '*.cpp' \))" ] \
     || ! .venv/bin/python -c 'import sys, gc_mm.kernels as k; sys.exit(k.installed("sgd") is None)' 2>/dev/null; then
-    echo "Installing gc_mm and compiling its kernel (about a minute)..."
+    echo "Installing gc_mm and compiling its kernel (about 90 s)..."
     pip install -q --no-build-isolation --use-pep517 -e ".[tests]"
 fi
 .venv/bin/python -c 'import gc_mm, mmdet, mmcv.ops; print("gc_mm", gc_mm.__version__, "| mmdet", mmdet.__version__, "| mmcv", mmcv.__version__)'

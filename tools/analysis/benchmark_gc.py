@@ -271,13 +271,13 @@ def time_e2e(base_config, twin_config, iters, repeats, step_repeats):
 def table(title, results, baselines):
     print(f'\n{title}')
     print(f'{"variant":38s} {"ms":>8s} ' +
-          ' '.join(f'{"x " + b[:16]:>18s}' for b in baselines) +
+          ' '.join(f'{"x " + b[:19]:>21s}' for b in baselines) +
           f' {"state MB":>9s} {"transient MB":>12s}')
     for name, r in results.items():
         transient = ('n/a' if r['transient_mb'] is None else
                      f'{r["transient_mb"]:.1f}')
         print(f'{name:38s} {r["ms"]:8.2f} ' + ' '.join(
-            f'{r["ms"] / results[b]["ms"]:18.3f}' for b in baselines) +
+            f'{r["ms"] / results[b]["ms"]:21.3f}' for b in baselines) +
               f' {r["state_mb"]:9.1f} {transient:>12s}')
 
 
