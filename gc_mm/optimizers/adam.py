@@ -113,18 +113,18 @@ class _AdamBase(GCOptimizer):
             torch._foreach_add_(grads, params, alpha=group['weight_decay'])
         if group['gc_mode'] is not None:
             centralize_(grads, conv_only=group['gc_mode'] == 'conv')
-        states = [self.state[param] for param in params]
-        for param, state in zip(params, states):
-            self._init_state(state, param, group)
         # The step count stays a Python int in the state (as on the plain
         # path, so checkpoints are the same); torch reads it from a tensor,
         # one per distinct count.
-        steps = {}
-        for state in states:
+        states, steps = [], {}
+        for param in params:
+            state = self.state[param]
+            self._init_state(state, param, group)
             state['step'] += 1
             if state['step'] not in steps:
                 steps[state['step']] = torch.tensor(
-                    float(state['step']), device=params[0].device)
+                    float(state['step']), device=param.device)
+            states.append(state)
         torch._fused_adam_(
             params, grads, [state['exp_avg'] for state in states],
             [state['exp_avg_sq'] for state in states],

@@ -89,8 +89,9 @@ class _SGDBase(GCOptimizer):
             group may set its own; None there turns GC off for that group.
         fused (bool | None): the C++ kernel, for CPU parameters (each row
             summed while the one before it is updated, then updated while
-            in cache; rows split among threads). True: use it, compiling it on first use
-            if it was not installed (45-50 s on 2 cores, then cached);
+            in cache; rows split among threads). True: use it, compiling
+            it on first use if it was not installed (45-50 s on 2 cores,
+            then cached);
             refused for parameters off the CPU. None: use it on CPU if it
             was compiled at install (``pip install --no-build-isolation
             --use-pep517 -e .``, as tools/install.sh does) and no other
@@ -175,9 +176,11 @@ class _SGDBase(GCOptimizer):
                 f'group {index} has one on {param.device}. Use the default '
                 'path (fused=None), which runs on any device.')
 
-    def _path(self, group: dict, on_cpu: bool) -> str:
-        """The path a regular tensor takes, in the order docs/benchmark.md
-        gives."""
+    @staticmethod
+    def path(group: dict, on_cpu: bool) -> str:
+        """The path ('fused', 'multi_tensor', 'plain' or 'blocked') a
+        regular tensor of ``group`` takes, on CPU or elsewhere, in the order
+        docs/benchmark.md gives."""
         if group['fused']:
             return 'fused'
         if not on_cpu if group['foreach'] is None else group['foreach']:
@@ -198,7 +201,7 @@ class _SGDBase(GCOptimizer):
         # Decided once per group and device kind, not per tensor: routing
         # each tensor was half the step's Python time (0.3 of 0.7 ms on
         # R50, where the kernel takes about 25).
-        by_device = {on_cpu: paths[self._path(group, on_cpu)]
+        by_device = {on_cpu: paths[self.path(group, on_cpu)]
                      for on_cpu in (True, False)}
         for param in params:
             if param.dtype in HALF_DTYPES or param.numel() == 0 or not (

@@ -136,7 +136,8 @@ def variants(family: str, device: torch.device):
             for name, options in implementations.items()
         }
         # Each path of SGD_GC, asked for by name; the one its defaults pick
-        # on this device is labelled so.
+        # on this device (SGD_GC.path, the optimizer's own routing) is
+        # labelled so.
         paths = {
             'blocked': dict(fused=False, foreach=False),
             'multi-tensor': dict(foreach=True),
@@ -144,8 +145,11 @@ def variants(family: str, device: torch.device):
         }
         if on_cpu:  # the kernel is for CPU tensors only
             paths['C++ kernel'] = dict(fused=True)
-        default = 'multi-tensor' if not on_cpu else (
-            'C++ kernel' if kernels.installed('sgd') else 'blocked')
+        defaults = reg.SGD_GC([torch.zeros(1, device=device)]).defaults
+        default = {
+            'fused': 'C++ kernel', 'multi_tensor': 'multi-tensor',
+            'blocked': 'blocked', 'plain': 'plain path'
+        }[reg.SGD_GC.path(defaults, on_cpu)]
         for path, options in paths.items():
             label = f'default: {path}' if path == default else path
             sgd[f'gc_mm SGD_GC ({label})'] = (
