@@ -83,3 +83,66 @@ def test_empty_tensors_are_left_as_they_are():
     tensors = [torch.empty(0, 3), torch.empty(4, 0, 3, 3)]
     centralize_(tensors)
     assert [tuple(t.shape) for t in tensors] == [(0, 3), (4, 0, 3, 3)]
+
+
+def unit_masks(deconv):
+    """For each output channel of a transposed conv, which weight entries
+    produce it (found by autograd, not by indexing)."""
+    x = torch.randn(2, deconv.in_channels, 5, 5, dtype=deconv.weight.dtype)
+    masks = []
+    for channel in range(deconv.out_channels):
+        deconv.zero_grad()
+        deconv(x)[:, channel].sum().backward()
+        masks.append(deconv.weight.grad != 0)
+    return masks
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_transposed_conv_per_output_unit(groups, channels_last):
+    """out_dim=1: each output channel's weights (in/groups x kh x kw of
+    them, in its group's block of dim 0) get zero mean."""
+    torch.manual_seed(4)
+    deconv = torch.nn.ConvTranspose2d(4, 6, 3, groups=groups,
+                                      dtype=torch.float64)
+    masks = unit_masks(deconv)
+    weight = deconv.weight.detach().clone()  # (4, 6 / groups, 3, 3)
+    original = weight.clone()
+    if channels_last:
+        weight = weight.to(memory_format=torch.channels_last)
+    centralize_([weight], out_dim=1, groups=groups)
+    for mask in masks:
+        assert mask.sum() == 4 // groups * 9
+        unit = original[mask]
+        torch.testing.assert_close(weight[mask], unit - unit.mean(),
+                                   atol=1e-14, rtol=0)
+    # Per input channel (the default, the authors' rule) is another thing.
+    default = original.clone()
+    centralize_([default])
+    assert not torch.allclose(default, weight)
+    assert rows(default).mean(1).abs().max() < 1e-14
+
+
+def test_transposed_conv_options_keep_the_ndim_rule():
+    torch.manual_seed(5)
+    deconv1d = torch.randn(4, 3, 5)  # ConvTranspose1d: not a conv for 'conv'
+    kept = deconv1d.clone()
+    centralize_([deconv1d], conv_only=True, out_dim=1)
+    assert torch.equal(deconv1d, kept)
+    centralize_([deconv1d], out_dim=1)
+    assert deconv1d.mean(dim=(0, 2)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(out_dim=2), 'out_dim must be 0 or 1'),
+    (dict(out_dim=1, groups=3), r'groups=3 does not divide .*\(4, 3, 3, 3\)'),
+    (dict(out_dim=1, groups=0), 'groups must be a positive int'),
+    (dict(out_dim=0, groups=2), 'groups applies to out_dim=1 only'),
+])
+def test_bad_output_layout_is_refused_before_any_tensor_changes(kwargs,
+                                                                match):
+    first, bad = torch.randn(3, 6, 3, 3), torch.randn(4, 3, 3, 3)
+    kept = first.clone()
+    with pytest.raises(ValueError, match=match):
+        centralize_([first, bad], **kwargs)
+    assert torch.equal(first, kept)
