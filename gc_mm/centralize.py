@@ -7,7 +7,7 @@ optim wrapper calls :func:`centralize_`; the one exception is the C++
 kernel (gc_mm/kernels/sgd.cpp), which fuses the same maths into SGD's step
 and is held to the same float64 reference by the tests.
 """
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 from torch import Tensor
 
@@ -61,7 +61,7 @@ def centralize_(tensors: Iterable[Tensor],
     min_ndim = 4 if conv_only else 2
     if out_dim != 0 or groups != 1:
         tensors = [t for t in tensors if t.ndim >= min_ndim]
-        _check_output_layout(tensors, out_dim, groups)
+        check_output_layout(tensors, out_dim, groups)
     for tensor in tensors:
         if tensor.ndim < min_ndim or tensor.numel() == 0:
             continue
@@ -82,7 +82,10 @@ def centralize_(tensors: Iterable[Tensor],
                 tensor.mean(dim=tuple(range(1, tensor.ndim)), keepdim=True))
 
 
-def _check_output_layout(tensors, out_dim, groups) -> None:
+def check_output_layout(tensors: List[Tensor], out_dim: int,
+                        groups: int) -> None:
+    """Raise ValueError if :func:`centralize_` cannot take ``out_dim`` and
+    ``groups`` for these tensors."""
     if out_dim not in (0, 1):
         raise ValueError(f'out_dim must be 0 or 1 (the dim that indexes '
                          f'output units), got {out_dim!r}')

@@ -12,15 +12,43 @@ reads one more key, ``gc``, that switches GC per parameter by name::
             norm_decay_mult=0.,
             gc=dict(include=['backbone', 'neck'],  # regexes; default: all
                     exclude=['rpn_head'],          # regexes
-                    mode='conv')))                 # default: the optimizer's
+                    mode='conv',                   # default: the applier's
+                    transposed_conv='input')))     # see below
 
 A parameter whose name matches ``include`` (all do, if it is not given) and
 no ``exclude`` pattern gets GC in ``mode``; every other one gets none. The
-result is a ``gc_mode`` entry in each param group, read by the GC optimizers
-and by GCOptimWrapper. Param groups with identical settings are merged, so
-the optimizer sees a few groups rather than one per tensor.
+choice holds whichever applies GC: a GC optimizer (``SGD_GC``, ...) or
+GCOptimWrapper/AmpGCOptimWrapper. It never decides who applies GC, and a
+wrapper and an optimizer that both apply it are refused by the wrapper.
+
+``transposed_conv`` says how GC treats the weights of transposed convs
+(``nn.ConvTranspose1d/2d/3d`` and subclasses, e.g. the ``deconv`` upsampler
+of mmdet's FCNMaskHead), stored as ``(in, out / groups, *kernel)``:
+
+- ``'input'`` (default): over dim 0, i.e. per input channel, as the
+  authors' code (and every GC optimizer without this constructor) does;
+- ``'output'``: per output channel, as the paper defines GC (rows
+  ``weight[j * in_g:(j + 1) * in_g, o]`` for output channel ``o`` of group
+  ``j``);
+- ``None``: not centralized.
+
+The choice reaches the appliers as param-group keys:
+
+- ``wrapper_gc_mode``: the per-layer choice ('conv_fc', 'conv', or None for
+  no GC), written into every group the choice concerns (absent: the
+  applier's own mode). GCOptimWrapper/AmpGCOptimWrapper read it. Where a GC
+  optimizer applies GC to a group (its ``gc_mode`` is not None), the
+  constructor also writes it into the group's ``gc_mode``, the optimizer's
+  own per-group option; a GC optimizer with ``gc_mode=None`` is left off.
+- ``gc_out_dim``: 1 for transposed-conv weights with ``'output'`` (absent:
+  0), and ``gc_groups``: their ``groups`` when above 1 (absent: 1). Both go
+  to :func:`~gc_mm.centralize.centralize_` as ``out_dim`` and ``groups``.
+
+Param groups with identical settings are merged, so the optimizer sees a few
+groups rather than one per tensor.
 """
 import logging
+import math
 import re
 from typing import Dict, List, Optional
 
@@ -28,12 +56,15 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from torch import Tensor
+from torch.nn.modules.conv import _ConvTransposeNd
 
 from .centralize import check_gc_mode, is_centralized
 from .optim_wrapper import CentralizeGradsMixin
 from .optimizers import GCOptimizer
 
-_GC_KEYS = ('include', 'exclude', 'mode')
+_GC_KEYS = ('include', 'exclude', 'mode', 'transposed_conv')
+TRANSPOSED_CONV_RULES = ('input', 'output', None)
 _UNSET = object()
 
 
@@ -47,6 +78,13 @@ def applied_gc_mode(optim_wrapper: OptimWrapper,
     if isinstance(optim_wrapper.optimizer, GCOptimizer):
         return group['gc_mode']
     return None
+
+
+def row_length(param: Tensor, group: dict) -> int:
+    """The length of a row GC centralizes in ``param``."""
+    if group.get('gc_out_dim', 0) == 1:
+        return param.numel() // (param.shape[1] * group.get('gc_groups', 1))
+    return math.prod(param.shape[1:])
 
 
 def _patterns(gc_cfg: dict, key: str) -> List[re.Pattern]:
@@ -63,8 +101,9 @@ def _patterns(gc_cfg: dict, key: str) -> List[re.Pattern]:
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """DefaultOptimWrapperConstructor plus ``paramwise_cfg.gc`` (see the
-    module docstring). It logs once how many tensors and parameters get GC
-    and warns about rows of length 1, which GC would freeze."""
+    module docstring). It logs once how many of the trained tensors and
+    parameters get GC and warns about rows of length 1, which GC would
+    freeze."""
 
     def __init__(self,
                  optim_wrapper_cfg: dict,
@@ -81,10 +120,17 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         self.gc_exclude = _patterns(gc_cfg, 'exclude')
         self.gc_mode = (check_gc_mode(gc_cfg['mode'], 'paramwise_cfg.gc.mode')
                         if 'mode' in gc_cfg else _UNSET)
+        self.transposed_conv = gc_cfg.get('transposed_conv', 'input')
+        if self.transposed_conv not in TRANSPOSED_CONV_RULES:
+            raise ValueError(
+                "paramwise_cfg.gc.transposed_conv must be 'input' (per input "
+                "channel, the authors' rule), 'output' (per output channel) "
+                f'or None (no GC), got {self.transposed_conv!r}')
         self.has_gc_cfg = bool(gc_cfg)
 
     def _gc_mode_for(self, name: str):
-        """``gc_mode`` for a parameter name, or _UNSET to keep the default."""
+        """The GC mode chosen for a parameter name, or _UNSET to keep the
+        applier's."""
         included = (not self.gc_include
                     or any(p.search(name) for p in self.gc_include))
         if not included or any(p.search(name) for p in self.gc_exclude):
@@ -100,31 +146,62 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if prefix:
             return  # a recursive call: the top-level one finishes the groups
         names = {id(p): name for name, p in module.named_parameters()}
+        transposed = {
+            id(m.weight): m
+            for m in module.modules() if isinstance(m, _ConvTransposeNd)
+        }
         for group in params:
-            gc_mode = self._gc_mode_for(names[id(group['params'][0])])
+            param = group['params'][0]  # mmengine makes one group per tensor
+            gc_mode = self._gc_mode_for(names[id(param)])
+            deconv = transposed.get(id(param))
+            if deconv is not None and gc_mode is not None:
+                if self.transposed_conv is None:
+                    gc_mode = None
+                elif self.transposed_conv == 'output':
+                    group['gc_out_dim'] = 1
+                    if deconv.groups > 1:
+                        group['gc_groups'] = deconv.groups
             if gc_mode is not _UNSET:
-                group['gc_mode'] = gc_mode
+                group['wrapper_gc_mode'] = gc_mode
         params[:] = _merge_groups(params)
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
         optim_wrapper = super().__call__(model)
         module = model.module if hasattr(model, 'module') else model
+        optimizer = optim_wrapper.optimizer
+        if isinstance(optimizer, GCOptimizer):
+            for group in optimizer.param_groups:
+                if (group['gc_mode'] is not None
+                        and 'wrapper_gc_mode' in group):
+                    group['gc_mode'] = group['wrapper_gc_mode']
+                # The GC optimizers do not read gc_out_dim yet: refuse
+                # rather than centralize per input channel in silence.
+                if (group['gc_mode'] is not None
+                        and group.get('gc_out_dim', 0) != 0):
+                    raise NotImplementedError(
+                        f'{type(optimizer).__name__} centralizes transposed '
+                        "convs per input channel only; for paramwise_cfg.gc."
+                        "transposed_conv='output' set gc_mode=None on it and "
+                        "wrap it in optim_wrapper type='GCOptimWrapper'.")
         self._log_gc(optim_wrapper, module)
         return optim_wrapper
 
     def _log_gc(self, optim_wrapper: OptimWrapper, model: nn.Module) -> None:
         names = {id(p): name for name, p in model.named_parameters()}
+        n_frozen = sum(not p.requires_grad for p in model.parameters())
         n_tensors = n_params = gc_tensors = gc_params = 0
         frozen_rows = []
         for group in optim_wrapper.optimizer.param_groups:
             gc_mode = applied_gc_mode(optim_wrapper, group)
             for param in group['params']:
+                if not param.requires_grad:
+                    continue  # never has a gradient: neither trained nor GC
                 n_tensors += 1
                 n_params += param.numel()
                 if is_centralized(param, gc_mode):
                     gc_tensors += 1
                     gc_params += param.numel()
-                    if param.numel() == param.shape[0]:
+                    if row_length(param, group) == 1:
                         frozen_rows.append(names.get(id(param), '?'))
         if self.has_gc_cfg and gc_tensors == 0:
             print_log(
@@ -134,9 +211,12 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 'settings.',
                 logger='current',
                 level=logging.WARNING)
+        frozen = (f'; {n_frozen} frozen tensors not counted'
+                  if n_frozen else '')
         print_log(
-            f'Gradient Centralization on {gc_tensors} of {n_tensors} '
-            f'parameter tensors ({gc_params:,} of {n_params:,} parameters)',
+            f'Gradient Centralization on {gc_tensors} of {n_tensors} trained '
+            f'parameter tensors ({gc_params:,} of {n_params:,} trained '
+            f'parameters{frozen})',
             logger='current')
         if frozen_rows:
             print_log(

@@ -7,6 +7,17 @@ unscaled the gradients. Both apply GC once per real update: with
 ``accumulative_counts`` the gradients are centralized only when they are
 applied, never per micro-batch.
 
+Param-group keys the wrappers read (GCOptimWrapperConstructor sets them
+from ``paramwise_cfg.gc``; a GC optimizer's own ``gc_mode`` is not one of
+them):
+
+- ``wrapper_gc_mode``: 'conv_fc', 'conv' or None (no GC for this group);
+  overrides the wrapper's ``gc_mode`` for the group when the wrapper's GC
+  is on. Absent: the wrapper's ``gc_mode``.
+- ``gc_out_dim`` (0 or 1) and ``gc_groups``: the layout of the group's
+  weights, passed to :func:`~gc_mm.centralize.centralize_` (1: transposed
+  convs centralized per output channel). Absent: 0 and 1.
+
 Example::
 
     optim_wrapper = dict(
@@ -14,17 +25,22 @@ Example::
         optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
         clip_grad=dict(max_norm=35, norm_type=2))
 """
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
+from torch import Tensor
 from torch.optim import Optimizer
 
-from .centralize import centralize_, check_gc_mode
+from .centralize import (centralize_, check_gc_mode, check_output_layout,
+                         is_centralized)
 from .optimizers import GCOptimizer
 
 GC_ORDERS = ('clip_then_gc', 'gc_then_clip')
+
+# One group's GC: its gradients and centralize_'s options.
+_GroupGC = Tuple[List[Tensor], bool, int, int]
 
 
 class CentralizeGradsMixin:
@@ -48,31 +64,53 @@ class CentralizeGradsMixin:
         self.gc_order = gc_order
 
     def group_gc_mode(self, group: dict) -> Optional[str]:
-        """The GC this wrapper applies to a param group's gradients.
+        """The GC this wrapper applies to a param group's gradients: none
+        when the wrapper's GC is off, else the group's ``wrapper_gc_mode``
+        (the per-layer choice) if it has one, else the wrapper's."""
+        if self.gc_mode is None:
+            return None
+        return group.get('wrapper_gc_mode', self.gc_mode)
 
-        A param group's ``gc_mode`` (set by GCOptimWrapperConstructor) wins
-        over the wrapper's, except for a GC optimizer, whose groups'
-        ``gc_mode`` is its own GC (off here, else __init__ raised).
-        """
-        if self.gc_mode is None or isinstance(self.optimizer, GCOptimizer):
-            return self.gc_mode
-        return group.get('gc_mode', self.gc_mode)
+    def _plan_gc(self) -> List[_GroupGC]:
+        """What this step centralizes, checked before anything changes."""
+        plan = []
+        for index, group in enumerate(self.optimizer.param_groups):
+            gc_mode = check_gc_mode(self.group_gc_mode(group),
+                                    f'param group {index} wrapper_gc_mode')
+            if gc_mode is None:
+                continue
+            grads = [p.grad for p in group['params'] if p.grad is not None]
+            centralized = [g for g in grads if is_centralized(g, gc_mode)]
+            for grad in centralized:
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f'{type(self).__name__} got a sparse gradient (param '
+                        f'group {index}, shape {tuple(grad.shape)}): GC is '
+                        'undefined for sparse gradients. Exclude the '
+                        'parameter with paramwise_cfg.gc.exclude.')
+            out_dim = group.get('gc_out_dim', 0)
+            groups = group.get('gc_groups', 1)
+            try:
+                check_output_layout(centralized, out_dim, groups)
+            except ValueError as error:
+                raise ValueError(f'param group {index}: {error}') from None
+            plan.append((grads, gc_mode == 'conv', out_dim, groups))
+        return plan
 
-    def _centralize_grads(self) -> None:
-        for group in self.optimizer.param_groups:
-            gc_mode = self.group_gc_mode(group)
-            if gc_mode is not None:
-                centralize_([p.grad for p in group['params']
-                             if p.grad is not None],
-                            conv_only=gc_mode == 'conv')
-
-    def _clip_and_centralize(self) -> None:
+    @torch.no_grad()
+    def _clip_and_centralize(self, plan: List[_GroupGC]) -> None:
         if self.gc_order == 'gc_then_clip':
-            self._centralize_grads()
+            self._centralize(plan)
         if self.clip_grad_kwargs:
             self._clip_grad()
         if self.gc_order == 'clip_then_gc':
-            self._centralize_grads()
+            self._centralize(plan)
+
+    @staticmethod
+    def _centralize(plan: List[_GroupGC]) -> None:
+        for grads, conv_only, out_dim, groups in plan:
+            centralize_(grads, conv_only=conv_only, out_dim=out_dim,
+                        groups=groups)
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -82,9 +120,9 @@ class GCOptimWrapper(CentralizeGradsMixin, OptimWrapper):
     Args:
         optimizer (Optimizer): the optimizer to wrap (not a GC optimizer with
             GC on: that would centralize twice).
-        gc_mode (str | None): 'conv_fc' (ndim > 1), 'conv' (ndim > 3) or None;
-            a param group's own ``gc_mode`` overrides it. Defaults to
-            'conv_fc'.
+        gc_mode (str | None): 'conv_fc' (ndim > 1), 'conv' (ndim > 3) or None
+            (off); when on, a param group's ``wrapper_gc_mode`` overrides it
+            for that group. Defaults to 'conv_fc'.
         gc_order (str): 'clip_then_gc' (clip the raw gradients, then GC, as
             in the authors' detection runs) or 'gc_then_clip'. Defaults to
             'clip_then_gc'.
@@ -100,9 +138,27 @@ class GCOptimWrapper(CentralizeGradsMixin, OptimWrapper):
         super().__init__(optimizer=optimizer, **kwargs)
         self._setup_gc(gc_mode, gc_order)
 
-    def step(self, **kwargs) -> None:
-        self._clip_and_centralize()
-        self.optimizer.step(**kwargs)
+    def step(self, **kwargs):
+        """Clip and centralize the gradients, then step the optimizer.
+
+        With ``closure``, the optimizer steps with the gradients the closure
+        computes, so they are clipped and centralized after each evaluation
+        (LBFGS evaluates it several times per step); the gradients present
+        before ``step()`` are left alone. Returns the optimizer's return
+        value (the closure's loss).
+        """
+        closure = kwargs.pop('closure', None)
+        if closure is None:
+            self._clip_and_centralize(self._plan_gc())
+            return self.optimizer.step(**kwargs)
+
+        def clipped_and_centralized_closure():
+            loss = closure()
+            self._clip_and_centralize(self._plan_gc())
+            return loss
+
+        return self.optimizer.step(closure=clipped_and_centralized_closure,
+                                   **kwargs)
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -114,6 +170,8 @@ class AmpGCOptimWrapper(CentralizeGradsMixin, AmpOptimWrapper):
     are not finite is skipped by the loss scaler, GC or not. With
     ``gc_mode=None`` it is a plain AMP wrapper, which is what
     ``tools/train.py --amp`` uses when the GC lives in the optimizer.
+    ``step(closure=...)`` is refused (GradScaler does not support closures)
+    before the gradients change.
 
     Args:
         optimizer (Optimizer): the optimizer to wrap.
@@ -163,9 +221,17 @@ class AmpGCOptimWrapper(CentralizeGradsMixin, AmpOptimWrapper):
         self._setup_gc(gc_mode, gc_order)
 
     def step(self, **kwargs) -> None:
+        if kwargs.get('closure') is not None:
+            # GradScaler.step would refuse it after unscale_ had changed the
+            # gradients; a closure's gradients would not be unscaled anyway.
+            raise RuntimeError(
+                f'{type(self).__name__} cannot step with a closure: torch\'s '
+                'GradScaler does not support closures. Call backward() '
+                '(or update_params) and step() without one.')
+        plan = self._plan_gc()
         # Unscale first so that clipping and GC see the true gradients;
         # GradScaler.step then skips the update if any of them is inf/nan.
         self.loss_scaler.unscale_(self.optimizer)
-        self._clip_and_centralize()
+        self._clip_and_centralize(plan)
         self.loss_scaler.step(self.optimizer, **kwargs)
         self.loss_scaler.update(self._scale_update_param)

@@ -132,8 +132,37 @@ def test_logs_counts_and_warns_about_rows_of_length_one(log):
     text = log.getvalue()
     n_all = sum(p.numel() for p in Detector().parameters())
     # conv 3x3 (108) + neck (16) + rpn (8) + roi fc (12) + scalar fc (3).
-    assert f'on 5 of 12 parameter tensors (147 of {n_all} parameters)' in text
+    assert (f'on 5 of 12 trained parameter tensors (147 of {n_all} trained '
+            'parameters)') in text
     assert 'scalar_head.weight' in text and 'will not train' in text
+
+
+def test_log_counts_only_the_tensors_that_train(log):
+    """Frozen weights (requires_grad=False) are neither trained nor
+    centralized; without paramwise_cfg they still reach the optimizer."""
+    model = Detector()
+    # 4 tensors (120 of the 171 parameters): conv 3x3 (108 + 4), BN (4 + 4).
+    model.backbone.requires_grad_(False)
+    build_optim_wrapper(
+        model,
+        dict(constructor='GCOptimWrapperConstructor',
+             optimizer=dict(type='SGD_GC', lr=0.1)))
+    # GC: neck (16), rpn_head (8), roi_head (12), scalar_head (3).
+    assert ('on 4 of 8 trained parameter tensors (39 of 51 trained '
+            'parameters; 4 frozen tensors not counted)' in log.getvalue())
+
+
+def test_log_counts_trained_tensors_of_a_resnet_with_frozen_stages(log):
+    from mmdet.models.backbones import ResNet
+    backbone = ResNet(depth=18, frozen_stages=1)
+    build_optim_wrapper(
+        backbone,
+        dict(constructor='GCOptimWrapperConstructor',
+             optimizer=dict(type='SGD_GC', lr=0.1)))
+    # ResNet-18 has 20 conv weights and 20 BN layers (60 tensors); the stem
+    # and stage 1 hold 5 convs and 5 BNs (15 tensors), frozen.
+    assert ('on 15 of 45 trained parameter tensors' in log.getvalue()
+            and '15 frozen tensors not counted' in log.getvalue())
 
 
 def test_warns_when_nothing_applies_gc(log):
@@ -150,3 +179,181 @@ def test_warns_when_nothing_applies_gc(log):
 def test_bad_gc_cfg(gc, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build(dict(type='SGD_GC', lr=0.1), gc=gc)
+
+
+# Every wrapper/optimizer pairing: the constructor's per-layer choice holds
+# whichever of them applies GC. (wrapper cfg, whether the wrapper's GC is on)
+WRAPPERS = {
+    'OptimWrapper': (dict(type='OptimWrapper'), False),
+    'GCOptimWrapper': (dict(type='GCOptimWrapper'), True),
+    'GCOptimWrapper(gc_mode=None)': (dict(type='GCOptimWrapper',
+                                          gc_mode=None), False),
+    'AmpGCOptimWrapper': (dict(type='AmpGCOptimWrapper'), True),
+}
+# (optimizer cfg, whether its GC is on, the torch optimizer that gives the
+# same numbers when fed the centralized gradients)
+OPTIMIZERS = {
+    'SGD': (dict(type='SGD', lr=0.1), False, dict(type='SGD', lr=0.1)),
+    'AdamW': (dict(type='AdamW', lr=0.01, weight_decay=0.1), False,
+              dict(type='AdamW', lr=0.01, weight_decay=0.1)),
+    'SGD_GC': (dict(type='SGD_GC', lr=0.1), True, dict(type='SGD', lr=0.1)),
+    'SGD_GC(gc_mode=None)': (dict(type='SGD_GC', lr=0.1, gc_mode=None),
+                             False, dict(type='SGD', lr=0.1)),
+}
+INCLUDED = {  # the tensors paramwise_cfg.gc below includes, per mode
+    'conv_fc': {'backbone.0.weight', 'neck.weight', 'roi_head.weight'},
+    'conv': {'backbone.0.weight', 'neck.weight'},
+}
+
+
+def expected_weights(model_input, torch_optimizer, centralized, mode):
+    """Float64 reference: the torch optimizer fed the raw gradients, with
+    exactly the ``centralized`` tensors projected."""
+    model = Detector()
+    model(model_input).backward()
+    for name, param in model.named_parameters():
+        if name in centralized:
+            param.grad.copy_(torch.from_numpy(
+                project(param.grad.numpy(), mode)))
+    optimizer = build_optim_wrapper(model, dict(optimizer=torch_optimizer))
+    optimizer.step()
+    return {n: p.detach().numpy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('mode', [None, 'conv'])
+@pytest.mark.parametrize('optimizer', list(OPTIMIZERS))
+@pytest.mark.parametrize('wrapper', list(WRAPPERS))
+def test_per_layer_choice_holds_for_every_pairing(wrapper, optimizer, mode,
+                                                  log):
+    wrapper_cfg, wrapper_gc = WRAPPERS[wrapper]
+    optimizer_cfg, optimizer_gc, torch_optimizer = OPTIMIZERS[optimizer]
+    gc = dict(include=['backbone', 'neck', 'head'],
+              exclude=['rpn_head', 'scalar_head'])
+    if mode is not None:
+        gc['mode'] = mode
+    cfg = dict(wrapper_cfg, constructor='GCOptimWrapperConstructor',
+               optimizer=optimizer_cfg, paramwise_cfg=dict(gc=gc))
+    model = Detector()
+    if wrapper_gc and optimizer_gc:
+        with pytest.raises(ValueError, match='centralize twice'):
+            build_optim_wrapper(model, cfg)
+        return
+    optim_wrapper = build_optim_wrapper(model, cfg)
+    applied = wrapper_gc or optimizer_gc
+    assert ('paramwise_cfg.gc has no effect' in log.getvalue()) != applied
+    mode = mode or 'conv_fc'  # the wrapper's and SGD_GC's default
+    centralized = INCLUDED[mode] if applied else set()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64) * 3
+    optim_wrapper.update_params(model(x))
+    want = expected_weights(x, torch_optimizer, centralized, mode)
+    for name, param in model.named_parameters():
+        np.testing.assert_allclose(param.detach().numpy(), want[name],
+                                   rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def mask_head():
+    """mmdet's FCNMaskHead (Mask R-CNN's), small; float64 so that the update
+    shows the centralized gradient to rounding."""
+    from mmdet.models.roi_heads.mask_heads import FCNMaskHead
+    torch.manual_seed(0)
+    head = FCNMaskHead(num_convs=1, roi_feat_size=8, in_channels=4,
+                       conv_out_channels=6, num_classes=3).double()
+    assert isinstance(head.upsample, nn.ConvTranspose2d)  # 'deconv'
+    return head
+
+
+def mask_loss(head):
+    torch.manual_seed(1)
+    rois = torch.randn(5, 4, 8, 8, dtype=torch.float64)
+    targets = (torch.rand(5, 16, 16) > 0.5).double()
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    return head.loss_mask(head(rois), targets, labels)
+
+
+@pytest.mark.parametrize('rule', ['default', 'input', 'output', None])
+def test_transposed_conv_rule_on_mmdet_mask_head(rule):
+    head = mask_head()
+    gc = {} if rule == 'default' else dict(transposed_conv=rule)
+    wrapper = build_optim_wrapper(
+        head,
+        dict(type='GCOptimWrapper', constructor='GCOptimWrapperConstructor',
+             optimizer=dict(type='SGD', lr=0.1), paramwise_cfg=dict(gc=gc)))
+    weights = {'deconv': head.upsample.weight, 'conv': head.convs[0].conv.weight}
+    before = {k: w.detach().clone() for k, w in weights.items()}
+    mask_loss(head).backward()
+    raw = {k: w.grad.clone() for k, w in weights.items()}
+    wrapper.step()
+    # With plain SGD the update is -lr times the gradient after GC.
+    applied = {k: (before[k] - w.detach()) / 0.1 for k, w in weights.items()}
+    # The deconv weight is (in=6, out=6, 2, 2): dims 0 and 1 differ in role.
+    grad = raw['deconv']
+    want = {
+        'default': grad - grad.mean(dim=(1, 2, 3), keepdim=True),
+        'input': grad - grad.mean(dim=(1, 2, 3), keepdim=True),
+        'output': grad - grad.mean(dim=(0, 2, 3), keepdim=True),
+        None: grad,
+    }[rule]
+    torch.testing.assert_close(applied['deconv'], want, rtol=1e-9, atol=1e-12)
+    if rule == 'output':
+        assert applied['deconv'].mean(dim=(0, 2, 3)).abs().max() < 1e-15
+        assert applied['deconv'].mean(dim=(1, 2, 3)).abs().max() > 1e-6
+    # Regular convs keep one row per output channel, whatever the rule.
+    conv = raw['conv']
+    torch.testing.assert_close(applied['conv'],
+                               conv - conv.mean(dim=(1, 2, 3), keepdim=True),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_transposed_conv_output_rule_with_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2,
+                                             dtype=torch.float64))
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='GCOptimWrapper', constructor='GCOptimWrapperConstructor',
+             optimizer=dict(type='SGD', lr=0.1),
+             paramwise_cfg=dict(gc=dict(transposed_conv='output'))))
+    weight_group = next(g for g in wrapper.optimizer.param_groups
+                        if g['params'][0] is model[0].weight)
+    assert (weight_group['gc_out_dim'], weight_group['gc_groups']) == (1, 2)
+    before = model[0].weight.detach().clone()
+    model(torch.randn(2, 4, 5, 5, dtype=torch.float64)).pow(2).sum().backward()
+    grad = model[0].weight.grad.clone()
+    wrapper.step()
+    applied = (before - model[0].weight.detach()) / 0.1
+    # (in=4, out/groups=3, 3, 3) as (groups, in/groups, out/groups, 3, 3):
+    # output channel o of group j is [j, :, o].
+    blocks = grad.unflatten(0, (2, 2))
+    want = blocks - blocks.mean(dim=(1, 3, 4), keepdim=True)
+    torch.testing.assert_close(applied, want.flatten(0, 1), rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_transposed_conv_skipped_by_a_gc_optimizer():
+    head = mask_head()
+    wrapper = build_optim_wrapper(
+        head,
+        dict(constructor='GCOptimWrapperConstructor',
+             optimizer=dict(type='SGD_GC', lr=0.1),
+             paramwise_cfg=dict(gc=dict(transposed_conv=None))))
+    before = head.upsample.weight.detach().clone()
+    mask_loss(head).backward()
+    grad = head.upsample.weight.grad.clone()
+    wrapper.step()
+    torch.testing.assert_close(before - head.upsample.weight.detach(),
+                               0.1 * grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('rule', ['output', 'Output', 'none'])
+def test_bad_or_unsupported_transposed_conv_rule(rule):
+    # A GC optimizer centralizes over dim 0 only (for now): 'output' with
+    # one applying GC is refused rather than silently done per input.
+    match = ('SGD_GC' if rule == 'output' else
+             'paramwise_cfg.gc.transposed_conv')
+    with pytest.raises((ValueError, NotImplementedError), match=match):
+        build_optim_wrapper(
+            mask_head(),
+            dict(constructor='GCOptimWrapperConstructor',
+                 optimizer=dict(type='SGD_GC', lr=0.1),
+                 paramwise_cfg=dict(gc=dict(transposed_conv=rule))))

@@ -85,9 +85,9 @@ def test_accumulation_centralizes_once_per_real_update(monkeypatch):
     calls = []
     real = gc_mm.optim_wrapper.centralize_
 
-    def counting(tensors, conv_only=False):
+    def counting(tensors, **options):
         calls.append(len(tensors))
-        real(tensors, conv_only)
+        real(tensors, **options)
 
     monkeypatch.setattr(gc_mm.optim_wrapper, 'centralize_', counting)
     model = TinyNet()
@@ -119,6 +119,17 @@ def _clip(grads, max_norm):
     return {n: g * factor for n, g in grads.items()}
 
 
+def _centralize(grads):
+    return {n: project(g, 'conv_fc') for n, g in grads.items()}
+
+
+def direction(grads, gc_order, max_norm):
+    """The update direction of SGD without momentum, in float64."""
+    if gc_order == 'clip_then_gc':
+        return _centralize(_clip(grads, max_norm))
+    return _clip(_centralize(grads), max_norm)
+
+
 @pytest.mark.parametrize('gc_order', ['clip_then_gc', 'gc_then_clip'])
 def test_clip_order(gc_order):
     model = TinyNet()
@@ -130,44 +141,46 @@ def test_clip_order(gc_order):
     before, x = weights(model), batch(0)
     grads = raw_grads(model, [x])
     wrapper.update_params(loss_of(model, x))
-    centralize = {n: project(g, 'conv_fc') for n, g in grads.items()}
-    if gc_order == 'clip_then_gc':
-        direction = {n: project(g, 'conv_fc')
-                     for n, g in _clip(grads, 0.5).items()}
-    else:
-        direction = _clip(centralize, 0.5)
-    other = (_clip(centralize, 0.5) if gc_order == 'clip_then_gc' else {
-        n: project(g, 'conv_fc') for n, g in _clip(grads, 0.5).items()})
+    want = direction(grads, gc_order, 0.5)
     after = weights(model)
     for name in before:
         np.testing.assert_allclose(after[name],
-                                   before[name] - 0.1 * direction[name],
+                                   before[name] - 0.1 * want[name],
                                    rtol=1e-5, atol=1e-6)
     # The two orders really differ here, so the test tells them apart.
-    assert not np.allclose(direction['conv.weight'], other['conv.weight'])
+    other_order = ({'clip_then_gc', 'gc_then_clip'} - {gc_order}).pop()
+    other = direction(grads, other_order, 0.5)
+    assert not np.allclose(want['conv.weight'], other['conv.weight'])
 
 
-def test_amp_wrapper_centralizes_unscaled_gradients_on_cpu():
+@pytest.mark.parametrize('gc_order', ['clip_then_gc', 'gc_then_clip'])
+def test_amp_wrapper_clips_and_centralizes_unscaled_gradients_on_cpu(
+        gc_order):
+    """Clipping tells scaled from unscaled gradients (GC alone cannot: it is
+    linear): clipped before unscaling, the step would be 1024x too short."""
     model = TinyNet()
     wrapper = build_optim_wrapper(
         model,
-        dict(type='AmpGCOptimWrapper', loss_scale=1024.,
-             clip_grad=dict(max_norm=1e6),
+        dict(type='AmpGCOptimWrapper', loss_scale=1024., gc_order=gc_order,
+             clip_grad=dict(max_norm=0.5),
              optimizer=dict(type='SGD', lr=0.1)))
     assert isinstance(wrapper, AmpGCOptimWrapper)
     assert wrapper.loss_scaler.get_scale() == 1024.
     before, x = weights(model), batch(0)
     grads = raw_grads(model, [x])
+    clipped = grads if gc_order == 'clip_then_gc' else _centralize(grads)
+    clipped_norm = np.sqrt(sum((g**2).sum() for g in clipped.values()))
+    assert clipped_norm > 5 * 0.5  # the clipping bites
     wrapper.update_params(loss_of(model, x))
+    want = direction(grads, gc_order, 0.5)
     after = weights(model)
     for name in before:
-        np.testing.assert_allclose(
-            after[name], before[name] - 0.1 * project(grads[name], 'conv_fc'),
-            rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(after[name],
+                                   before[name] - 0.1 * want[name],
+                                   rtol=1e-4, atol=1e-6)
     # The clipped norm mmengine logs is the unscaled one.
-    norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
     logged = wrapper.message_hub.get_scalar('train/grad_norm').current()
-    assert logged == pytest.approx(norm, rel=1e-4)
+    assert logged == pytest.approx(clipped_norm, rel=1e-4)
 
 
 def test_amp_wrapper_skips_non_finite_step_and_lowers_scale():
@@ -238,3 +251,129 @@ def test_wrapper_bad_arguments(bad, match):
             TinyNet(),
             dict(type='AmpGCOptimWrapper', optimizer=dict(type='SGD', lr=0.1),
                  **bad))
+
+
+def closure_of(wrapper, model, x):
+    def closure():
+        wrapper.zero_grad()
+        loss = loss_of(model, x)
+        loss.backward()
+        return loss
+    return closure
+
+
+def test_closure_gradients_are_clipped_and_centralized():
+    """The optimizer steps with what the closure computes: those gradients
+    are clipped and centralized, not the stale ones present before."""
+    model = TinyNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='GCOptimWrapper', clip_grad=dict(max_norm=0.5),
+             optimizer=dict(type='SGD', lr=0.1)))
+    loss_of(model, batch(1)).backward()  # stale gradients
+    before, x = weights(model), batch(0)
+    grads = raw_grads(model, [x])
+    loss = wrapper.step(closure=closure_of(wrapper, model, x))
+    want = direction(grads, 'clip_then_gc', 0.5)
+    after = weights(model)
+    for name in before:
+        np.testing.assert_allclose(after[name],
+                                   before[name] - 0.1 * want[name],
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    # step() returns the closure's loss, as torch's optimizers do.
+    assert loss.item() == pytest.approx(loss_of(TinyNet(), x).item())
+
+
+@pytest.mark.parametrize('wrapper_type', ['OptimWrapper', 'GCOptimWrapper'])
+def test_lbfgs_steps_within_the_centralized_subspace(wrapper_type):
+    """LBFGS evaluates the closure several times per step; its direction is
+    a combination of the gradients it saw, so with each of them centralized
+    the weights' row means do not move (and they do without GC)."""
+    model = TinyNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type=wrapper_type,
+             optimizer=dict(type='LBFGS', lr=0.5, max_iter=4)))
+    before, x = weights(model), batch(0)
+    wrapper.step(closure=closure_of(wrapper, model, x))
+    state = wrapper.optimizer.state[wrapper.optimizer.param_groups[0][
+        'params'][0]]
+    assert state['func_evals'] > 1
+    after = weights(model)
+    for name in ('conv.weight', 'fc.weight'):
+        delta = after[name] - before[name]
+        row_means = np.abs(delta - project(delta, 'conv_fc')).max()
+        if wrapper_type == 'GCOptimWrapper':
+            assert row_means < 1e-6 * np.abs(delta).max(), name
+        else:
+            assert row_means > 1e-3 * np.abs(delta).max(), name
+
+
+def test_amp_wrapper_refuses_closures_before_anything_moves():
+    """GradScaler cannot step with a closure; refused before the gradients
+    are unscaled, so a plain step() afterwards is still exact."""
+    model = TinyNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='AmpGCOptimWrapper', loss_scale=1024.,
+             optimizer=dict(type='SGD', lr=0.1)))
+    before, x = weights(model), batch(0)
+    grads = raw_grads(model, [x])
+    wrapper.backward(loss_of(model, x))
+    scaled = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match='AmpGCOptimWrapper.*closure'):
+        wrapper.step(closure=closure_of(wrapper, model, x))
+    for name, param in model.named_parameters():
+        assert torch.equal(param.grad, scaled[name]), name
+        np.testing.assert_array_equal(weights(model)[name], before[name])
+    wrapper.step()
+    after = weights(model)
+    for name in before:
+        np.testing.assert_allclose(
+            after[name], before[name] - 0.1 * project(grads[name], 'conv_fc'),
+            rtol=1e-4, atol=1e-6)
+
+
+class SparseNet(nn.Module):
+    """A dense fc first, so a step that centralized before checking would
+    have changed its gradient."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 2)
+        self.embedding = nn.Embedding(5, 3, sparse=True)
+
+    def forward(self, index):
+        return self.fc(self.embedding(index)).pow(2).sum()
+
+
+@pytest.mark.parametrize('wrapper_type', ['GCOptimWrapper',
+                                          'AmpGCOptimWrapper'])
+def test_sparse_gradient_is_refused_before_anything_moves(wrapper_type):
+    model = SparseNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type=wrapper_type, optimizer=dict(type='SGD', lr=0.1)))
+    wrapper.backward(model(torch.tensor([0, 2])))
+    before = {n: (p.detach().clone(), p.grad.clone())
+              for n, p in model.named_parameters()}
+    with pytest.raises(
+            RuntimeError,
+            match=r'sparse gradient \(param group 0, shape \(5, 3\)\)'):
+        wrapper.step()
+    for name, param in model.named_parameters():
+        weight, grad = before[name]
+        assert torch.equal(param, weight), name
+        assert torch.equal(param.grad.to_dense(), grad.to_dense()), name
+
+
+def test_sparse_gradient_that_gc_skips_steps():
+    model = SparseNet()
+    wrapper = build_optim_wrapper(
+        model,
+        dict(type='GCOptimWrapper', gc_mode='conv',
+             optimizer=dict(type='SGD', lr=0.1)))
+    weight = model.embedding.weight.detach().clone()
+    wrapper.update_params(model(torch.tensor([0, 2])))
+    assert not torch.equal(model.embedding.weight, weight)
