@@ -12,11 +12,15 @@ config inheritance import pkg_resources, which setuptools 82 removed)::
 With torch importable at build time (no build isolation), the C++ kernels
 of gc_mm/kernels are compiled here, for this CPU, and used by default;
 without it they are compiled on first use of ``fused=True``. (pip 23 needs
-``--use-pep517`` for an editable install to build them.)
+``--use-pep517`` for an editable install to build them.) The kernels are
+optional: where they do not compile (no C++ compiler), gc_mm installs
+without them, with a warning in the build log.
 """
 import os.path as osp
+import subprocess
 
 from setuptools import find_packages, setup
+from setuptools.errors import BaseError, CCompilerError
 
 HERE = osp.dirname(osp.abspath(__file__))
 
@@ -36,12 +40,30 @@ def kernel_extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """torch's extension build, which without a working compiler
+        installs gc_mm without the kernels instead of failing (SGD_GC then
+        takes its eager paths; ``fused=True`` builds the kernel on first
+        use)."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            # The ways a compiler can be missing or fail, through torch's
+            # ABI check, ninja or setuptools' own compile step.
+            except (OSError, RuntimeError, subprocess.SubprocessError,
+                    CCompilerError, BaseError) as error:
+                self.warn(f'gc_mm: the C++ kernels did not compile ({error}); '
+                          'installing gc_mm without them.')
+                self.extensions = []  # nothing to copy or install
+
     flags = run_module('kernels', 'flags.py')
     extension = CppExtension(
         'gc_mm.kernels._' + flags['module_name']('sgd'),
         ['gc_mm/kernels/sgd.cpp'],
         extra_compile_args=flags['cxx_flags']())
-    return [extension], {'build_ext': BuildExtension}
+    return [extension], {'build_ext': OptionalBuildExtension}
 
 
 ext_modules, cmdclass = kernel_extensions()

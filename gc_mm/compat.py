@@ -15,6 +15,10 @@
 - mmcv's CPU kernels of NMS and RoIAlign take float32 only; under CPU
   autocast (bfloat16 AMP) they get float32 inputs
   (:func:`enable_cpu_autocast_for_mmcv_ops`).
+- setuptools < 82 (which this stack needs for pkg_resources) warns on
+  every import of pkg_resources, and mmengine imports it twice per run:
+  the tools silence exactly that warning
+  (:func:`silence_pkg_resources_warning`).
 - mmengine's distributed init calls ``torch.cuda.set_device`` and its DDP
   wrapper passes CUDA ``device_ids``; on a machine without CUDA,
   :func:`setup_distributed` starts the process group with gloo itself and
@@ -26,6 +30,7 @@ import logging
 import os
 import os.path as osp
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -33,14 +38,24 @@ from mmengine.logging import print_log
 
 
 def checkpoint_safe_globals() -> list:
-    """The non-tensor types found in mmengine checkpoints."""
+    """The non-tensor types found in mmengine checkpoints.
+
+    numpy's arrays and scalars unpickle through the functions their
+    ``__reduce__`` names (private to numpy, so they are taken from the
+    public pickling protocol rather than by module path). numpy 1 named
+    them ``numpy.core.multiarray``, numpy 2 ``numpy._core.multiarray``;
+    checkpoints written with either load.
+    """
     from mmengine.logging import HistoryBuffer
     dtypes = [type(np.dtype(name)) for name in (
         'float64', 'float32', 'float16', 'int64', 'int32', 'int16', 'int8',
         'uint64', 'uint32', 'uint16', 'uint8', 'bool')]
+    reconstruct = np.empty(0).__reduce__()[0]
+    scalar = np.float64(0).__reduce__()[0]
     return [
-        HistoryBuffer, np.ndarray, np.dtype, np._core.multiarray._reconstruct,
-        np._core.multiarray.scalar, *dtypes
+        HistoryBuffer, np.ndarray, np.dtype, reconstruct, scalar, *dtypes,
+        (reconstruct, 'numpy.core.multiarray._reconstruct'),
+        (scalar, 'numpy.core.multiarray.scalar')
     ]
 
 
@@ -114,6 +129,16 @@ def apply() -> None:
             prefixes=('torchvision://', 'modelzoo://'),
             loader=_load_from_torchvision,
             force=True)
+
+
+def silence_pkg_resources_warning() -> None:
+    """Hide setuptools' "pkg_resources is deprecated as an API" UserWarning,
+    which mmengine's ``is_installed`` triggers (on import and on reload) in
+    every run: the stack needs pkg_resources, the user can do nothing about
+    it. Every other warning, of setuptools too, still shows."""
+    warnings.filterwarnings(
+        'ignore', message='pkg_resources is deprecated as an API',
+        category=UserWarning)
 
 
 def _float32_on_cpu_autocast(forward):

@@ -1,8 +1,11 @@
 """This stack's fixes: torchvision:// without torchvision, atomic local
 writes, checkpoints that load with weights_only=True."""
+import importlib
 import io
 import os
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from mmengine.fileio import LocalBackend
@@ -10,7 +13,8 @@ from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner import CheckpointLoader
 
 import gc_mm  # noqa: F401
-from gc_mm.compat import _load_from_torchvision, torchvision_url
+from gc_mm.compat import (_load_from_torchvision,
+                          silence_pkg_resources_warning, torchvision_url)
 
 
 def test_torchvision_urls_resolve_without_torchvision():
@@ -45,3 +49,50 @@ def test_message_hub_state_loads_with_weights_only():
     history = loaded['log_scalars']['train/loss']
     assert isinstance(history, HistoryBuffer) and history.mean() == 1.0
     assert history.current() == 1.5  # statistics methods restored
+
+
+def hub_checkpoint(**save_options) -> bytes:
+    """A checkpoint's message hub with numpy arrays and scalars in it."""
+    hub = MessageHub.get_instance('test_compat_numpy')
+    hub.update_scalar('train/loss', np.float32(0.25))
+    hub.update_scalar('train/loss', np.float64(0.75))
+    hub.update_info('iou_thrs', np.linspace(0.5, 0.95, 10))
+    hub.update_info('best_score', np.float64(0.5))
+    buffer = io.BytesIO()
+    torch.save({'message_hub': hub.state_dict()}, buffer, **save_options)
+    return buffer.getvalue()
+
+
+def check_hub(data: bytes) -> None:
+    loaded = torch.load(io.BytesIO(data), weights_only=True)['message_hub']
+    assert loaded['log_scalars']['train/loss'].mean() == 0.5
+    info = loaded['runtime_info']
+    np.testing.assert_array_equal(info['iou_thrs'], np.linspace(0.5, 0.95, 10))
+    assert info['best_score'] == np.float64(0.5)
+    assert type(info['best_score']) is np.float64
+
+
+def test_numpy_arrays_and_scalars_load_with_weights_only():
+    check_hub(hub_checkpoint())
+
+
+def test_checkpoints_written_with_numpy_1_load_with_weights_only():
+    """numpy 1 pickled arrays and scalars through numpy.core.multiarray
+    (numpy 2: numpy._core.multiarray); the legacy format keeps the pickle
+    uncompressed, so its names can be rewritten as numpy 1 wrote them."""
+    data = hub_checkpoint(_use_new_zipfile_serialization=False)
+    numpy_2 = b'numpy._core.multiarray\n'
+    assert data.count(numpy_2) >= 2  # _reconstruct and scalar
+    check_hub(data.replace(numpy_2, b'numpy.core.multiarray\n'))
+
+
+def test_only_the_pkg_resources_deprecation_is_silenced():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        silence_pkg_resources_warning()
+        import pkg_resources
+        importlib.reload(pkg_resources)  # what mmengine's is_installed does
+        warnings.warn('another warning', UserWarning)
+        warnings.warn('pkg_resources is deprecated', DeprecationWarning)
+    assert [str(w.message) for w in caught] == [
+        'another warning', 'pkg_resources is deprecated']
