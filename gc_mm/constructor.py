@@ -222,7 +222,8 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             print_log(
                 'GC makes the gradient of a row of length 1 exactly zero, so '
                 f'these weights will not train: {", ".join(frozen_rows)}. '
-                "Exclude them with paramwise_cfg.gc.exclude or use mode='conv'.",
+                'Exclude them with paramwise_cfg.gc.exclude or use '
+                "mode='conv'.",
                 logger='current',
                 level=logging.WARNING)
 

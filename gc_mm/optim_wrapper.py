@@ -62,6 +62,7 @@ class CentralizeGradsMixin:
                 'Set gc_mode=None on the wrapper or on the optimizer.')
         self.gc_mode = gc_mode
         self.gc_order = gc_order
+        self._plan_gc()  # refuses bad param-group keys now, not at step 1
 
     def group_gc_mode(self, group: dict) -> Optional[str]:
         """The GC this wrapper applies to a param group's gradients: none
@@ -79,6 +80,17 @@ class CentralizeGradsMixin:
                                     f'param group {index} wrapper_gc_mode')
             if gc_mode is None:
                 continue
+            if ('gc_mode' in group and 'wrapper_gc_mode' not in group
+                    and not isinstance(self.optimizer, GCOptimizer)):
+                # Earlier versions read it here; ignoring it would silently
+                # centralize the layers it excluded.
+                raise ValueError(
+                    f'param group {index} of {type(self.optimizer).__name__} '
+                    "has a 'gc_mode' key, which only GC optimizers read; "
+                    f"{type(self).__name__}'s per-group choice is "
+                    "'wrapper_gc_mode' (earlier gc_mm versions wrote "
+                    "'gc_mode' there): rename the key, or rebuild the groups "
+                    'with GCOptimWrapperConstructor.')
             grads = [p.grad for p in group['params'] if p.grad is not None]
             centralized = [g for g in grads if is_centralized(g, gc_mode)]
             for grad in centralized:

@@ -279,7 +279,8 @@ def test_transposed_conv_rule_on_mmdet_mask_head(rule):
         head,
         dict(type='GCOptimWrapper', constructor='GCOptimWrapperConstructor',
              optimizer=dict(type='SGD', lr=0.1), paramwise_cfg=dict(gc=gc)))
-    weights = {'deconv': head.upsample.weight, 'conv': head.convs[0].conv.weight}
+    weights = {'deconv': head.upsample.weight,
+               'conv': head.convs[0].conv.weight}
     before = {k: w.detach().clone() for k, w in weights.items()}
     mask_loss(head).backward()
     raw = {k: w.grad.clone() for k, w in weights.items()}

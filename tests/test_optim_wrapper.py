@@ -377,3 +377,19 @@ def test_sparse_gradient_that_gc_skips_steps():
     weight = model.embedding.weight.detach().clone()
     wrapper.update_params(model(torch.tensor([0, 2])))
     assert not torch.equal(model.embedding.weight, weight)
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('wrapper_gc_mode', 'fc', 'param group 1 wrapper_gc_mode'),
+    ('gc_mode', None, "param group 1 of SGD has a 'gc_mode' key"),
+    ('gc_out_dim', 2, 'param group 1: out_dim must be 0 or 1'),
+])
+def test_bad_param_group_keys_are_refused_when_built(key, value, match):
+    """gc_mode in a torch optimizer's group was this wrapper's per-group key
+    before; ignoring it now would centralize what it excluded."""
+    model = TinyNet()
+    optimizer = torch.optim.SGD(
+        [dict(params=model.conv.parameters()),
+         dict(params=model.fc.parameters(), **{key: value})], lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        GCOptimWrapper(optimizer)
