@@ -20,7 +20,7 @@ BAD = [(name, kwargs, match) for names, cases in [
     (ALL_NAMES, [(dict(lr=-0.1), 'lr'), (dict(weight_decay=-1.), 'weight_decay'),
                  (dict(gc_mode='fc'), 'gc_mode'), (dict(lr='0.1'), 'lr')]),
     (SGD_NAMES, [(dict(momentum=-0.9), 'momentum'),
-                 (dict(fused='yes'), 'fused'), (dict(blocked=None), 'blocked'),
+                 (dict(fused='yes'), 'fused'),
                  (dict(foreach=1), 'foreach'),
                  (dict(nesterov=True), 'nesterov'),
                  (dict(nesterov=True, momentum=0.9, dampening=0.1), 'nesterov')]),
@@ -53,6 +53,34 @@ def test_bad_param_group_is_refused_and_leaves_optimizer_unchanged():
         opt.add_param_group({'params': [torch.nn.Parameter(torch.zeros(2))],
                              'gc_mode': 'all'})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+@pytest.mark.parametrize('key,value', [('gc_mode', 'all'), ('lr', -0.1),
+                                       ('lr', '0.1')])
+def test_bad_loaded_param_group_is_refused_and_leaves_optimizer_unchanged(
+        name, key, value):
+    """A checkpoint's groups are checked like constructed ones: a bad value
+    is a ValueError at load_state_dict naming the group and the key, not a
+    KeyError at the next step, and nothing is loaded."""
+    params = [torch.nn.Parameter(torch.randn(4, 3, 3, 3)),
+              torch.nn.Parameter(torch.randn(5))]
+    source = OPTIMIZERS.build(dict(type=name, params=[
+        {'params': params[:1]}, {'params': params[1:]}], lr=0.1))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    source.step()
+    state_dict = source.state_dict()
+    state_dict['param_groups'][1][key] = value
+
+    opt = OPTIMIZERS.build(dict(type=name, params=[
+        {'params': params[:1]}, {'params': params[1:]}], lr=0.2))
+    with pytest.raises(ValueError,
+                       match=rf'{name}.load_state_dict: param group 1 .*{key}'):
+        opt.load_state_dict(state_dict)
+    assert not opt.state
+    assert [group['lr'] for group in opt.param_groups] == [0.2, 0.2]
+    opt.step()
 
 
 @pytest.mark.parametrize('name', ALL_NAMES)

@@ -5,11 +5,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from mmengine.registry import OPTIMIZERS
+from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
 
-import gc_mm.kernels
-import gc_mm.optimizers.sgd  # registers the optimizers
-from reference import ADAM_NAMES, ALL_NAMES, SGD_NAMES, Reference, project
+import gc_mm.optim_wrapper  # registers the wrappers
+import gc_mm.optimizers.adam  # registers the optimizers
+from reference import (ADAM_NAMES, ALL_NAMES, SGD_NAMES, Reference,
+                       default_mode, project)
 
 # conv weight, conv 1x1 weight, fc weight, bias, a conv with rows of 1.
 SHAPES = [(6, 3, 3, 3), (4, 6, 1, 1), (5, 7), (5, ), (3, 1, 1, 1)]
@@ -41,26 +42,45 @@ def family(name):
     return 'adam' if name in ADAM_NAMES else 'adagrad'
 
 
-# SGD's paths besides its default (on CPU the kernel built at install, else
-# the blocked path): the blocked one, the plain one, the multi-tensor one
-# (the default on an accelerator) and the kernel.
-SGD_OTHER_PATHS = [{'fused': False}, {'blocked': False}, {'foreach': True},
-                   {'fused': True}]
+# SGD's paths: its default (on CPU the kernel built at install, else the
+# plain path; elsewhere the multi-tensor one) and each one asked for.
+SGD_PATHS = {'default': {}, 'fused': {'fused': True},
+             'foreach': {'foreach': True},
+             'plain': {'fused': False, 'foreach': False}}
+# Adam_GC and Adam_GCC hand float32/float64 CPU and CUDA tensors to torch's
+# fused Adam; the rest (and every other Adam variant) take the plain path.
+TORCH_FUSED_NAMES = ('Adam_GC', 'Adam_GCC')
 
 
 def paths(name):
-    """Each implementation path of an optimizer: SGD has four, and its
-    default picks one of them."""
-    return [{}, *SGD_OTHER_PATHS] if name in SGD_NAMES else [{}]
+    """Each implementation path of an optimizer, by name."""
+    if name in SGD_NAMES:
+        return list(SGD_PATHS)
+    return ['torch_fused', 'plain'] if name in TORCH_FUSED_NAMES else [
+        'plain']
+
+
+def take_path(name, path, monkeypatch):
+    """Send the next steps of ``name`` down ``path``: the options to build
+    it with (SGD), or the devices torch's fused Adam is used on (Adam)."""
+    if name in SGD_NAMES:
+        return dict(SGD_PATHS[path])
+    monkeypatch.setattr(gc_mm.optimizers.adam, '_TORCH_FUSED_ADAM_DEVICES',
+                        ('cpu', 'cuda') if path == 'torch_fused' else ())
+    return {}
+
+
+def all_paths():
+    return [pytest.param(name, path, id=f'{name}-{path}')
+            for name in ALL_NAMES for path in paths(name)]
 
 
 def cases():
     for name in ALL_NAMES:
         for i, hp in enumerate(HYPER_PARAMS[family(name)]):
-            for path in paths(name):
-                tag = '-'.join(f'{k}={v}' for k, v in path.items())
-                yield pytest.param(name, {**hp, **path},
-                                   id=f'{name}-{i}{"-" + tag if tag else ""}')
+            for path in SGD_PATHS if name in SGD_NAMES else ['default']:
+                yield pytest.param(name, {**hp, **SGD_PATHS.get(path, {})},
+                                   id=f'{name}-{i}-{path}')
 
 
 def gradients(seed=0, steps=STEPS, shapes=SHAPES):
@@ -182,7 +202,7 @@ def test_equal_to_torch_where_formulas_coincide(name, hp, torch_cls, tol,
     # The plain path does torch's arithmetic in torch's order: bit-equal.
     # (The fast path agrees with the plain path to rounding, tested above.)
     if name in SGD_NAMES:
-        extra['blocked'] = False
+        extra.update(SGD_PATHS['plain'])
     got, _ = run_gc_mm(name, hp, torch.float32, weights, grads, **extra)
     params = [torch.tensor(w, dtype=torch.float32, requires_grad=True)
               for w in weights]
@@ -203,45 +223,121 @@ def _save_load(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize('name,hp', [
-    pytest.param(name, {**HYPER_PARAMS[family(name)][-1], **path},
-                 id=f'{name}{"-plain" if path else ""}')
-    for name in ALL_NAMES for path in paths(name)])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_state_dict_round_trip_resumes_identically(name, hp, dtype):
+def laid_out(array, dtype, layout='contiguous'):
+    """A tensor holding ``array`` in ``layout``: 'channels_last' (4-D
+    tensors; the others stay contiguous), 'transposed' (dims in reverse
+    order: dense, not contiguous), 'sliced' (every other element of a wider
+    tensor: not dense)."""
+    tensor = torch.tensor(array, dtype=dtype)
+    if layout == 'channels_last' and tensor.ndim == 4:
+        return tensor.to(memory_format=torch.channels_last)
+    if layout == 'transposed' and tensor.ndim > 1:
+        dims = tuple(reversed(range(tensor.ndim)))
+        return tensor.permute(dims).contiguous().permute(dims)
+    if layout == 'sliced':
+        wide = torch.zeros(tensor.shape + (2, ), dtype=dtype)
+        wide[..., 0] = tensor
+        return wide[..., 0]
+    return tensor
+
+
+# Tolerance against the float64 reference, by the least precise dtype of a
+# run (the parity tests' and the half-precision test's).
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+
+
+def resumes():
+    """(name, before, after): the path, dtype and layout a run is saved
+    from after 3 steps and resumed into for 3 more."""
+    for name in ALL_NAMES:
+        names_paths = paths(name)
+        first = names_paths[0]
+        for path in names_paths:  # the same run, resumed: bit-equal
+            for dtype in (F32, BF16):
+                yield name, (path, dtype, 'contiguous'), (path, dtype,
+                                                          'contiguous')
+        others = [p for p in names_paths if p != 'default']
+        for before in others:  # across paths
+            for after in others:
+                if after != before:
+                    yield name, (before, F64, 'contiguous'), (after, F64,
+                                                              'contiguous')
+        for path in names_paths:  # across layouts
+            yield name, (path, F32, 'channels_last'), (path, F32,
+                                                       'contiguous')
+            yield name, (path, F32, 'contiguous'), (path, F32,
+                                                    'channels_last')
+        for before, after in [(F64, F32), (F32, F64), (BF16, F32),
+                              (F32, BF16)]:  # across dtypes
+            yield name, (first, before, 'contiguous'), (first, after,
+                                                        'contiguous')
+
+
+def _resume_id(name, before, after):
+    parts = [name] + [
+        str(a if a == b else f'{a}-to-{b}').replace('torch.', '')
+        for a, b in zip(before, after)]
+    return '-'.join(parts)
+
+
+@pytest.mark.parametrize('name,before,after', [
+    pytest.param(*case, id=_resume_id(*case)) for case in resumes()])
+def test_state_dict_round_trip_resumes(name, before, after, monkeypatch):
+    """A run saved after 3 steps and resumed for 3 more, in another path,
+    layout or dtype, ends where an uninterrupted run does: bit-equal to
+    it if nothing changes, else equal to the float64 reference to the
+    precision of the dtypes involved. The resumed optimizer keeps the path
+    options it was built with, and its state has its parameters' layout
+    (float32 for half-precision parameters)."""
+    hp = HYPER_PARAMS[family(name)][-1]
     grads = gradients(steps=6)
-    weights = initial_weights()
+    # Weights exact in bfloat16, so only the updates' rounding differs.
+    weights = [torch.tensor(w).to(BF16).double().numpy()
+               for w in initial_weights()]
 
-    def make():
-        params = [torch.tensor(w, dtype=dtype, requires_grad=True)
+    def make(path, dtype, layout):
+        options = take_path(name, path, monkeypatch)
+        params = [torch.nn.Parameter(laid_out(w, dtype, layout))
                   for w in weights]
-        return params, OPTIMIZERS.build(dict(type=name, params=params, **hp))
+        return params, OPTIMIZERS.build(
+            dict(type=name, params=params, **hp, **options)), options
 
-    def run(params, opt, steps):
+    def run(params, opt, steps, dtype, layout):
         for step_grads in steps:
             for p, g in zip(params, step_grads):
-                p.grad = torch.tensor(g, dtype=dtype)
+                p.grad = laid_out(g, dtype, layout)
             opt.step()
 
-    params, opt = make()
-    run(params, opt, grads[:3])
+    params, opt, _ = make(*before)
+    run(params, opt, grads[:3], *before[1:])
     saved_params = [p.detach().clone() for p in params]
     saved_state = _save_load(opt.state_dict())
-    run(params, opt, grads[3:])
+    run(params, opt, grads[3:], *before[1:])
 
-    resumed, opt2 = make()
+    resumed, opt2, options = make(*after)
     with torch.no_grad():
         for p, s in zip(resumed, saved_params):
             p.copy_(s)
     opt2.load_state_dict(saved_state)
-    for state in opt2.state.values():
-        for key, value in state.items():
+    for key in type(opt2).path_options:
+        assert opt2.param_groups[0][key] == options.get(key), key
+    for p in resumed:
+        for key, value in opt2.state[p].items():
             if torch.is_tensor(value) and key != 'step':
-                assert value.dtype == (torch.float32 if dtype ==
-                                       torch.bfloat16 else dtype), key
-    run(resumed, opt2, grads[3:])
-    for a, b in zip(params, resumed):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+                assert value.dtype == (F32 if p.dtype == BF16 else
+                                       p.dtype), key
+                assert value.stride() == p.stride(), key
+    run(resumed, opt2, grads[3:], *after[1:])
+    if before == after:
+        for a, b in zip(params, resumed):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    else:
+        tol = max(TOLERANCE[before[1]], TOLERANCE[after[1]])
+        want = run_reference(name, hp, weights, grads)
+        for p, w, shape in zip(resumed, want, SHAPES):
+            np.testing.assert_allclose(p.detach().double().numpy(), w,
+                                       rtol=tol, atol=tol, err_msg=shape)
 
 
 @pytest.mark.parametrize('name', ALL_NAMES)
@@ -264,19 +360,17 @@ def test_half_precision_keeps_float32_statistics(name, dtype, tol):
                 assert value.dtype == torch.float32, key
 
 
-@pytest.mark.parametrize('name', ['Adam_GC', 'Adam_GCC'])
-@pytest.mark.parametrize('torch_fused', [True, False],
-                         ids=['torch-fused', 'plain'])
-def test_adam_gc_paths_match_reference(name, torch_fused, monkeypatch):
-    """Adam_GC(C) hands the update to torch's fused Adam on CPU and CUDA
-    and takes the plain path elsewhere; both match the reference."""
+@pytest.mark.parametrize('name', TORCH_FUSED_NAMES)
+@pytest.mark.parametrize('path', ['torch_fused', 'plain'])
+def test_adam_gc_paths_match_reference(name, path, monkeypatch):
+    """Adam_GC(C) hands the update to torch's fused Adam (its public
+    functional API) on CPU and CUDA and takes the plain path elsewhere;
+    both match the reference."""
     calls = []
-    original = torch._fused_adam_
-    monkeypatch.setattr(torch, '_fused_adam_', lambda *args, **kwargs: (
-        calls.append(len(args[0])), original(*args, **kwargs)))
-    if not torch_fused:
-        monkeypatch.setattr(gc_mm.optimizers.adam,
-                            '_TORCH_FUSED_ADAM_DEVICES', ())
+    original = gc_mm.optimizers.adam.adam
+    monkeypatch.setattr(gc_mm.optimizers.adam, 'adam', lambda *args, **kw: (
+        calls.append((len(args[0]), kw['fused'])), original(*args, **kw)))
+    take_path(name, path, monkeypatch)
     for hp in HYPER_PARAMS['adam']:
         weights, grads = initial_weights(), gradients()
         got, _ = run_gc_mm(name, hp, torch.float64, weights, grads)
@@ -285,8 +379,9 @@ def test_adam_gc_paths_match_reference(name, torch_fused, monkeypatch):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12,
                                        err_msg=f'{name} {shape} {hp}')
     # One call per step, for all the tensors of the group.
-    assert calls == ([len(SHAPES)] * len(grads) * len(HYPER_PARAMS['adam'])
-                     if torch_fused else [])
+    assert calls == ([(len(SHAPES), True)] * len(grads) *
+                     len(HYPER_PARAMS['adam']) if path == 'torch_fused'
+                     else [])
 
 
 def test_params_without_grad_are_skipped_and_groups_work():
@@ -310,32 +405,20 @@ def test_params_without_grad_are_skipped_and_groups_work():
 
 
 def test_loads_a_state_dict_without_gc_options():
-    """A checkpoint of torch's SGD (or an older gc_mm) lacks gc_mode and
-    blocked: the defaults fill them in."""
+    """A checkpoint of torch's SGD (or an older gc_mm) lacks gc_mode: the
+    defaults fill it in; its path options (fused, foreach) do not win
+    over the running optimizer's."""
     w = torch.nn.Parameter(torch.randn(4, 3))
     torch_opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
     w.grad = torch.randn(4, 3)
     torch_opt.step()
     opt = OPTIMIZERS.build(dict(type='SGD_GC', params=[w], lr=0.1,
-                                momentum=0.9))
+                                momentum=0.9, fused=False, foreach=False))
     opt.load_state_dict(torch_opt.state_dict())
-    assert opt.param_groups[0]['gc_mode'] == 'conv_fc'
-    assert opt.param_groups[0]['blocked'] is True
+    group = opt.param_groups[0]
+    assert group['gc_mode'] == 'conv_fc'
+    assert group['fused'] is False and group['foreach'] is False
     opt.step()
-
-
-def test_closure_is_evaluated_with_grad():
-    w = torch.nn.Parameter(torch.randn(3, 4))
-    opt = OPTIMIZERS.build(dict(type='Adam_GC', params=[w], lr=0.1))
-
-    def closure():
-        opt.zero_grad()
-        loss = (w**2).sum()
-        loss.backward()
-        return loss
-
-    loss = opt.step(closure)
-    assert loss.item() > 0 and opt.state[w]['step'] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -354,3 +437,147 @@ def test_cuda_matches_cpu(name):
     for c, p in zip(cpu, params):
         np.testing.assert_allclose(p.detach().cpu().double().numpy(), c,
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name,path', all_paths())
+def test_step_uses_the_gradients_its_closure_computes(name, path,
+                                                      monkeypatch):
+    """step(closure) runs the closure with grad enabled (step itself runs
+    without) and updates with the gradients it leaves, not older ones."""
+    hp = HYPER_PARAMS[family(name)][1]
+    options = take_path(name, path, monkeypatch)
+    weights, grads = initial_weights(), gradients(steps=3)
+    params = [torch.nn.Parameter(torch.tensor(w)) for w in weights]
+    opt = OPTIMIZERS.build(dict(type=name, params=params, **hp, **options))
+    for step_grads in grads:
+
+        def closure():
+            assert torch.is_grad_enabled()
+            opt.zero_grad()
+            # A loss whose gradient is this step's.
+            loss = sum((p * torch.tensor(g)).sum()
+                       for p, g in zip(params, step_grads))
+            loss.backward()
+            return loss
+
+        for p in params:  # stale gradients, which the closure replaces
+            p.grad = torch.full_like(p, 100.)
+        loss = opt.step(closure)
+        assert loss.requires_grad
+    want = run_reference(name, hp, weights, grads)
+    for p, w, shape in zip(params, want, SHAPES):
+        np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12,
+                                   atol=1e-12, err_msg=shape)
+
+
+@pytest.mark.parametrize('name,path', all_paths())
+@pytest.mark.parametrize('param_layout,grad_layout', [
+    ('channels_last', 'channels_last'), ('channels_last', 'contiguous'),
+    ('contiguous', 'channels_last'), ('transposed', 'transposed'),
+    ('transposed', 'contiguous'), ('contiguous', 'transposed'),
+    ('sliced', 'contiguous'), ('contiguous', 'sliced')])
+def test_parameters_and_gradients_in_any_layout_match_reference(
+        name, path, param_layout, grad_layout, monkeypatch):
+    """channels_last, transposed (dense, not contiguous) and sliced (not
+    dense) parameters and gradients, in any pairing, on every path."""
+    hp = HYPER_PARAMS[family(name)][-1]
+    options = take_path(name, path, monkeypatch)
+    weights, grads = initial_weights(), gradients()
+    params = [torch.nn.Parameter(laid_out(w, F64, param_layout))
+              for w in weights]
+    opt = OPTIMIZERS.build(dict(type=name, params=params, **hp, **options))
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = laid_out(g, F64, grad_layout)
+        opt.step()
+    want = run_reference(name, hp, weights, grads)
+    for p, w, shape in zip(params, want, SHAPES):
+        np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12,
+                                   atol=1e-12, err_msg=shape)
+
+
+@pytest.mark.parametrize('name,path', all_paths())
+def test_complex_parameters_are_refused_before_anything_moves(
+        name, path, monkeypatch):
+    """Refused when added (ValueError naming the optimizer, the group and
+    the shape), and at the step for a parameter made complex since, before
+    any parameter moves."""
+    options = dict(lr=0.1, **take_path(name, path, monkeypatch))
+    real = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    complex_ = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.complex64))
+    refused = (rf'{name} cannot update a torch.complex64 parameter '
+               rf'\(param group {{}}, shape \(5, 3\)\)')
+    with pytest.raises(ValueError, match=refused.format(0)):
+        OPTIMIZERS.build(dict(type=name, params=[real, complex_], **options))
+    opt = OPTIMIZERS.build(dict(type=name, params=[real], **options))
+    with pytest.raises(ValueError, match=refused.format(1)):
+        opt.add_param_group({'params': [complex_]})
+    assert len(opt.param_groups) == 1
+
+    later = torch.nn.Parameter(torch.randn(5, 3))
+    opt.add_param_group({'params': [later]})
+    later.data = later.data.to(torch.complex64)  # as module.to(dtype) does
+    real.grad = torch.randn(4, 3, 3, 3)
+    later.grad = torch.randn(5, 3, dtype=torch.complex64)
+    before = real.detach().clone()
+    with pytest.raises(ValueError, match=refused.format(1)):
+        opt.step()
+    assert torch.equal(real, before) and not opt.state
+
+
+# README's table of what step() leaves in p.grad, as code: "P(g + wd*w)"
+# for Adam_GC/Adam_GCC's float32/float64 tensors on torch's fused Adam,
+# "untouched" (exactly what backward left) for everything else.
+def grad_after_step(name, path, dtype):
+    if (name in TORCH_FUSED_NAMES and path == 'torch_fused'
+            and dtype in (F32, F64)):
+        return 'P(g + wd*w)'
+    return 'untouched'
+
+
+@pytest.mark.parametrize('name,path', all_paths())
+@pytest.mark.parametrize('dtype', [F64, F32, BF16, torch.float16])
+def test_what_step_leaves_in_grad(name, path, dtype, monkeypatch):
+    hp = HYPER_PARAMS[family(name)][1]  # with weight decay
+    options = take_path(name, path, monkeypatch)
+    weights = initial_weights()
+    params = [torch.nn.Parameter(torch.tensor(w, dtype=dtype))
+              for w in weights]
+    opt = OPTIMIZERS.build(dict(type=name, params=params, **hp, **options))
+    expected = grad_after_step(name, path, dtype)
+    for step_grads in gradients(steps=2):
+        grads = [torch.tensor(g, dtype=dtype) for g in step_grads]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        weights = [p.detach().double().numpy().copy() for p in params]
+        opt.step()
+        for p, g, w in zip(params, grads, weights):
+            if expected == 'untouched':
+                assert torch.equal(p.grad, g), tuple(p.shape)
+            else:
+                want = project(g.double().numpy() + hp['weight_decay'] * w,
+                               default_mode(name))
+                np.testing.assert_allclose(p.grad.double().numpy(), want,
+                                           rtol=TOLERANCE[dtype],
+                                           atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize('wrapper', ['GCOptimWrapper', 'AmpGCOptimWrapper'])
+def test_wrappers_leave_the_centralized_gradient_in_grad(wrapper):
+    """README's table: the wrappers centralize p.grad in place (after
+    unscaling it, under AMP) before the wrapped optimizer's step; torch's
+    SGD then leaves it as it is."""
+    weights, grads = initial_weights(), gradients(steps=1)[0]
+    params = [torch.nn.Parameter(torch.tensor(w, dtype=F32))
+              for w in weights]
+    scale = 4.
+    extra = dict(loss_scale=scale) if wrapper == 'AmpGCOptimWrapper' else {}
+    optim_wrapper = OPTIM_WRAPPERS.build(dict(
+        type=wrapper, optimizer=torch.optim.SGD(params, lr=0.1), **extra))
+    for p, g in zip(params, grads):
+        p.grad = torch.tensor(g * (scale if extra else 1.), dtype=F32)
+    optim_wrapper.step()
+    for p, g in zip(params, grads):
+        np.testing.assert_allclose(p.grad.double().numpy(),
+                                   project(g, 'conv_fc'), rtol=1e-5,
+                                   atol=1e-6)

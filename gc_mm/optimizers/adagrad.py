@@ -17,7 +17,7 @@ import torch
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
-from ..centralize import centralize_
+from ..centralize import centralize_, is_centralized
 from .base import CLASS_RULE, GCOptimizer, check_non_negative
 
 
@@ -64,9 +64,14 @@ class _AdagradBase(GCOptimizer):
             state['sum'] = torch.full_like(
                 param, group['initial_accumulator_value'])
         state['step'] += 1
+        # p.grad is read, never written: the first op that changes the
+        # gradient makes the step's own copy.
+        centralized = is_centralized(param, group['gc_mode'])
         if group['weight_decay']:
-            grad.add_(param, alpha=group['weight_decay'])
-        if group['gc_mode'] is not None:
+            grad = grad.add(param, alpha=group['weight_decay'])
+        elif centralized:
+            grad = grad.clone()
+        if centralized:
             centralize_([grad], conv_only=group['gc_mode'] == 'conv')
         clr = group['lr'] / (1 + (state['step'] - 1) * group['lr_decay'])
         state['sum'].addcmul_(grad, grad, value=1)

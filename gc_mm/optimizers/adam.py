@@ -14,9 +14,11 @@ optimizer's gc_mode, v is max(v) over time with amsgrad)::
                              w = w - P(lr sqrt(bc2) / bc1 * (wd w + m / (sqrt(v) + eps)))
 
 Adam_GC and Adam_GCC are torch's Adam fed with ``P(g + wd * w)``: on CPU
-and CUDA the decay and GC run in place on the gradients and torch's fused
-Adam does the rest; elsewhere, and for half-precision tensors, the plain
-path (the authors' loop, tensor by tensor) does it all.
+and CUDA the decay and GC run in place on the gradients (which then hold
+``P(g + wd * w)``) and torch's fused Adam does the rest. Elsewhere, for
+half-precision tensors and for a gradient whose strides differ from its
+parameter's, the plain path (the authors' loop, tensor by tensor) does it
+all and leaves the gradient untouched, as every other variant here does.
 
 The AdamW here is the authors' (decay scaled by sqrt(bc2)/bc1, eps added to
 the uncorrected sqrt(v)), not ``torch.optim.AdamW``. The "2" variants
@@ -34,14 +36,28 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
+from torch.optim.adam import adam
 
 from ..centralize import centralize_, is_centralized
-from .base import (CLASS_RULE, HALF_DTYPES, GCOptimizer, check_betas,
-                   check_non_negative)
+from .base import CLASS_RULE, GCOptimizer, check_betas, check_non_negative
 
 # Devices where Adam_GC hands the update to torch's fused Adam (one kernel
 # per tensor for moments and update).
 _TORCH_FUSED_ADAM_DEVICES = ('cpu', 'cuda')
+
+
+def _fits_torch_fused(param: Tensor) -> bool:
+    """Whether torch's fused Adam updates ``param`` right. Its kernel walks
+    the memory of a parameter, its gradient and its moments as one flat
+    array, so all four need the same dense layout (the moments are made in
+    the parameter's, see GCOptimizer.load_state_dict); half-precision
+    parameters keep float32 moments on the plain path."""
+    grad = param.grad
+    return (param.dtype in (torch.float32, torch.float64)
+            and param.device.type in _TORCH_FUSED_ADAM_DEVICES
+            and grad.stride() == param.stride()
+            and (param.is_contiguous()
+                 or param.is_contiguous(memory_format=torch.channels_last)))
 
 
 class _AdamBase(GCOptimizer):
@@ -89,50 +105,53 @@ class _AdamBase(GCOptimizer):
 
     def _update_group(self, group: dict, params: List[Tensor]) -> None:
         # Adam_GC and Adam_GCC are torch's Adam fed with P(g + wd * w): the
-        # decay and GC in place on the gradients (as on the plain path),
-        # then torch's fused Adam, 2.4x faster than the plain path on CPU.
+        # decay and GC in place on the gradients, then torch's fused Adam.
         # The authors' AdamW and the "2" variants have other update rules.
         if self.decoupled_weight_decay or self.centralize_update:
             return super()._update_group(group, params)
         fused, plain = {}, []
         for param in params:
-            if (param.dtype in HALF_DTYPES
-                    or param.device.type not in _TORCH_FUSED_ADAM_DEVICES):
-                plain.append(param)
-            else:
+            if _fits_torch_fused(param):
                 fused.setdefault((param.device, param.dtype), []).append(param)
+            else:
+                plain.append(param)
         for tensors in fused.values():
             self._update_fused(group, tensors)
         if plain:
             super()._update_group(group, plain)
 
     def _update_fused(self, group: dict, params: List[Tensor]) -> None:
-        beta1, beta2 = group['betas']
         grads = [param.grad for param in params]
+        # In place, as in the authors' code: a copy of every gradient would
+        # add a pass over fresh memory to the step. README says so.
         if group['weight_decay']:
             torch._foreach_add_(grads, params, alpha=group['weight_decay'])
         if group['gc_mode'] is not None:
             centralize_(grads, conv_only=group['gc_mode'] == 'conv')
-        # The step count stays a Python int in the state (as on the plain
-        # path, so checkpoints are the same); torch reads it from a tensor,
-        # one per distinct count.
-        states, steps = [], {}
-        for param in params:
-            state = self.state[param]
+        states = [self.state[param] for param in params]
+        for state, param in zip(states, params):
             self._init_state(state, param, group)
+            for key in ('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'):
+                # A parameter may have changed layout since its moments were
+                # made (model.to(memory_format=...)).
+                if key in state and state[key].stride() != param.stride():
+                    state[key] = self._like(param, state[key])
+        # The state keeps the step count as a Python int, as the plain path
+        # does (so a checkpoint is the same from either path); torch's Adam
+        # reads it from, and adds 1 to, one tensor per parameter.
+        steps = torch.tensor([float(state['step']) for state in states],
+                             dtype=torch.float32,
+                             device=params[0].device).unbind()
+        beta1, beta2 = group['betas']
+        adam(params, grads, [state['exp_avg'] for state in states],
+             [state['exp_avg_sq'] for state in states],
+             [state['max_exp_avg_sq'] for state in states]
+             if group['amsgrad'] else [], list(steps), fused=True,
+             amsgrad=group['amsgrad'], beta1=beta1, beta2=beta2,
+             lr=group['lr'], weight_decay=0., eps=group['eps'],
+             maximize=False)
+        for state in states:
             state['step'] += 1
-            if state['step'] not in steps:
-                steps[state['step']] = torch.tensor(
-                    float(state['step']), device=param.device)
-            states.append(state)
-        torch._fused_adam_(
-            params, grads, [state['exp_avg'] for state in states],
-            [state['exp_avg_sq'] for state in states],
-            [state['max_exp_avg_sq'] for state in states]
-            if group['amsgrad'] else [],
-            [steps[state['step']] for state in states],
-            amsgrad=group['amsgrad'], lr=group['lr'], beta1=beta1,
-            beta2=beta2, weight_decay=0., eps=group['eps'], maximize=False)
 
     @staticmethod
     def _init_state(state: dict, param: Tensor, group: dict) -> None:
@@ -157,8 +176,12 @@ class _AdamBase(GCOptimizer):
         bias_correction1 = 1 - beta1**state['step']
         bias_correction2 = 1 - beta2**state['step']
 
+        # p.grad is read, never written: the first op that changes the
+        # gradient makes the step's own copy.
         if weight_decay and not self.decoupled_weight_decay:
-            grad.add_(param, alpha=weight_decay)
+            grad = grad.add(param, alpha=weight_decay)
+        elif centralized and not self.centralize_update:
+            grad = grad.clone()
         if centralized and not self.centralize_update:
             centralize_([grad], conv_only=gc_mode == 'conv')
         exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']

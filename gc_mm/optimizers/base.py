@@ -15,6 +15,9 @@ from torch.optim import Optimizer
 from ..centralize import check_gc_mode
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# The dtypes every path can update. GC and the update rules are written for
+# real tensors (a complex gradient would need |g|^2, not g*g).
+SUPPORTED_DTYPES = (torch.float32, torch.float64) + HALF_DTYPES
 
 
 class _ClassRule:
@@ -48,10 +51,15 @@ class GCOptimizer(Optimizer):
 
     Each param group carries ``gc_mode`` ('conv_fc', 'conv' or None), so a
     group (or an optim-wrapper constructor) can switch GC per layer. A
-    subclass sets ``default_gc_mode`` and implements :meth:`_update_tensor`.
+    subclass sets ``default_gc_mode`` and implements :meth:`_update_tensor`,
+    which must not write into the gradient it is given: unless a subclass
+    documents otherwise, ``step()`` leaves ``p.grad`` as backward left it.
     """
 
     default_gc_mode = 'conv_fc'
+    # Group keys that choose a code path, not the maths; on load the
+    # running optimizer's values win over the checkpoint's.
+    path_options: tuple = ()
 
     def __init__(self, params, defaults: dict):
         if defaults['gc_mode'] is CLASS_RULE:
@@ -62,12 +70,35 @@ class GCOptimizer(Optimizer):
         """Raise ValueError naming the first invalid hyper-parameter."""
         raise NotImplementedError
 
+    def _check_options(self, group: dict) -> None:
+        """Every check of a group's options (defaults filled in)."""
+        self._check_group(group)
+        check_gc_mode(group['gc_mode'])
+
     def add_param_group(self, param_group: dict) -> None:
         # Check the group as it will be used (defaults filled in) before it
         # is added, so a bad group leaves the optimizer unchanged.
-        self._check_group({**self.defaults, **param_group})
-        check_gc_mode(param_group.get('gc_mode', self.defaults['gc_mode']))
+        self._check_options({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            for param in self.param_groups[index]['params']:
+                self._check_dtype(param, index)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_dtype(self, param: Tensor, index: int) -> None:
+        """Raise ValueError if no path can update ``param`` (complex, or
+        another dtype than the four floating ones)."""
+        for what, tensor in (('parameter', param), ('gradient', param.grad)):
+            if tensor is not None and tensor.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(
+                    f'{type(self).__name__} cannot update a {tensor.dtype} '
+                    f'{what} (param group {index}, shape '
+                    f'{tuple(param.shape)}): it updates float32, float64, '
+                    'float16 and bfloat16 tensors only (GC and its update '
+                    'rules are written for real numbers)')
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -81,29 +112,68 @@ class GCOptimizer(Optimizer):
                     group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict, as torch does, with three differences: the
+        loaded groups are checked like constructed ones (a bad one raises
+        ValueError before anything changes); the running optimizer's
+        :attr:`path_options` win over the checkpoint's; and each state
+        tensor gets its parameter's layout (strides) and, for a
+        half-precision parameter, float32."""
+        saved_groups = state_dict['param_groups']
+        # torch raises on a group count that differs; zip would hide it.
+        if len(saved_groups) == len(self.param_groups):
+            for index, (saved, group) in enumerate(
+                    zip(saved_groups, self.param_groups)):
+                try:
+                    self._check_options(self._loaded_group(saved, group))
+                except ValueError as error:
+                    raise ValueError(
+                        f'{type(self).__name__}.load_state_dict: param group '
+                        f'{index} of the state dict: {error}') from None
+        running = [{key: group[key] for key in self.path_options}
+                   for group in self.param_groups]
         super().load_state_dict(state_dict)
-        # torch casts loaded state to each parameter's dtype; restore the
-        # float32 statistics of half-precision parameters so a resume is
-        # exact.
+        for group, options in zip(self.param_groups, running):
+            group.update(options)
         saved_ids = chain.from_iterable(
-            group['params'] for group in state_dict['param_groups'])
+            group['params'] for group in saved_groups)
         params = chain.from_iterable(
             group['params'] for group in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
-            if param.dtype not in HALF_DTYPES:
-                continue
             for key, value in state_dict['state'].get(saved_id, {}).items():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    self.state[param][key] = value.to(
-                        device=param.device, dtype=torch.float32)
+                if (key != 'step' and torch.is_tensor(value)
+                        and value.is_floating_point()):
+                    self.state[param][key] = self._like(param, value)
+
+    def _loaded_group(self, saved: dict, group: dict) -> dict:
+        """A checkpoint's group as it will be used once loaded."""
+        loaded = {**self.defaults, **saved}
+        loaded.update({key: group[key] for key in self.path_options})
+        return loaded
+
+    @staticmethod
+    def _like(param: Tensor, value: Tensor) -> Tensor:
+        """``value`` (a loaded state tensor) on ``param``'s device, in its
+        layout and dtype (float32 for a half-precision parameter, so a
+        resume is exact)."""
+        dtype = torch.float32 if param.dtype in HALF_DTYPES else param.dtype
+        if value.shape != param.shape:  # not one entry per weight: as torch
+            return value.to(device=param.device, dtype=dtype)
+        if (value.dtype == dtype and value.device == param.device
+                and value.stride() == param.stride()):
+            return value
+        # empty_like keeps a dense parameter's strides (channels_last or
+        # any other order), the layout the fast paths expect of a buffer.
+        return torch.empty_like(param, dtype=dtype).copy_(value)
 
     def _check_param(self, param: Tensor, group: dict, index: int) -> None:
-        """Raise RuntimeError if this step cannot update ``param``."""
+        """Raise if this step cannot update ``param`` (a parameter's dtype
+        may have changed since it was added, e.g. by ``module.to``)."""
         if param.grad.is_sparse:
             raise RuntimeError(
                 f'{type(self).__name__} got a sparse gradient (param group '
                 f'{index}, shape {tuple(param.shape)}): GC is undefined for '
                 'sparse gradients')
+        self._check_dtype(param, index)
 
     def _params_with_grad(self, group: dict) -> List[Tensor]:
         return [p for p in group['params'] if p.grad is not None]
@@ -126,7 +196,8 @@ class GCOptimizer(Optimizer):
         return loss
 
     def _update_group(self, group: dict, params: List[Tensor]) -> None:
-        """The plain path: one tensor at a time, in the authors' order."""
+        """The plain path: one tensor at a time, in the authors' order.
+        ``_update_tensor`` gets the gradient to read, never to write."""
         for param in params:
             state = self.state[param]
             if param.dtype in HALF_DTYPES:
@@ -134,8 +205,6 @@ class GCOptimizer(Optimizer):
                 self._update_tensor(work, param.grad.float(), state, group)
                 param.copy_(work)
             else:
-                # The gradient is used as scratch space (in place, as in
-                # the authors' code): after step() it holds the direction.
                 self._update_tensor(param, param.grad, state, group)
 
     def _update_tensor(self, param: Tensor, grad: Tensor,
