@@ -75,8 +75,8 @@ def test_bad_loaded_param_group_is_refused_and_leaves_optimizer_unchanged(
 
     opt = OPTIMIZERS.build(dict(type=name, params=[
         {'params': params[:1]}, {'params': params[1:]}], lr=0.2))
-    with pytest.raises(ValueError,
-                       match=rf'{name}.load_state_dict: param group 1 .*{key}'):
+    refused = rf'{name}.load_state_dict: param group 1 .*{key}'
+    with pytest.raises(ValueError, match=refused):
         opt.load_state_dict(state_dict)
     assert not opt.state
     assert [group['lr'] for group in opt.param_groups] == [0.2, 0.2]

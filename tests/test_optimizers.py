@@ -9,6 +9,7 @@ from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
 
 import gc_mm.optim_wrapper  # registers the wrappers
 import gc_mm.optimizers.adam  # registers the optimizers
+from gc_mm.optimizers import GCOptimizer
 from reference import (ADAM_NAMES, ALL_NAMES, SGD_NAMES, Reference,
                        default_mode, project)
 
@@ -109,6 +110,14 @@ def run_reference(name, hp, weights, grads, **kwargs):
     for step_grads in grads:
         weights = ref.step(weights, step_grads)
     return weights
+
+
+def test_every_registered_gc_optimizer_is_tested():
+    """The tests parametrized over ALL_NAMES cover the whole registry."""
+    registered = {
+        name for name, cls in OPTIMIZERS.module_dict.items()
+        if isinstance(cls, type) and issubclass(cls, GCOptimizer)}
+    assert registered == set(ALL_NAMES)
 
 
 @pytest.mark.parametrize('name,hp', list(cases()))
