@@ -8,7 +8,7 @@ A kernel comes from one of two builds, both for this CPU's instruction set
   ``gc_mm/kernels/_<name>_<isa>``.
   :func:`installed` returns it, and SGD uses it by default on CPU.
 - on first use: ``fused=True`` without an installed kernel compiles it with
-  torch's extension builder (45-50 s on 2 cores) into torch's extension
+  torch's extension builder (about a minute) into torch's extension
   directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``),
   where later runs load it in a tenth of a second. Processes that start
   together (the ranks of a distributed run) wait on torch's build lock and

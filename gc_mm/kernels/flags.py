@@ -29,7 +29,7 @@ def cxx_flags() -> list:
                                     [])]
     # Python's own compile flags, which setup.py's build starts from, have
     # -fwrapv; it keeps the compiler from vectorizing the row loops (the
-    # step ran 2x slower).
+    # step slowed down).
     flags.append('-fno-wrapv')
     # at::parallel_for splits the rows among torch's threads only in code
     # compiled with OpenMP (torch's own runtime runs it); without the flag

@@ -13,8 +13,8 @@
 // loop, and the row is updated next while it is still in cache. So g, w and
 // buf come from memory once and w, buf are written once, the least traffic
 // a GC step can have, and the reads of one row overlap the writes of the
-// other (a pass of its own for the sums, reads alone, left memory idle:
-// 10-25% slower on large tensors). The gradient is not modified. Rows are
+// other (a pass of its own for the sums, reads alone, left memory idle;
+// docs/benchmark.md has the numbers). The gradient is not modified. Rows are
 // split among threads with at::parallel_for. These are the maths of
 // gc_mm/centralize.py and SGD's plain path, fused; the parity tests hold
 // all three to the same float64 reference.
@@ -24,10 +24,27 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <type_traits>
 
 namespace {
+
+// How many threads the last call's parallel loop ran on, for the tests (a
+// build without OpenMP runs every loop on one thread).
+std::atomic<int> last_step_threads{0};
+
+// at::parallel_for that records how many threads ran f.
+template <typename F>
+void counted_parallel_for(int64_t begin, int64_t end, int64_t grain,
+                          const F& f) {
+  std::atomic<int> threads{0};
+  at::parallel_for(begin, end, grain, [&](int64_t first, int64_t last) {
+    threads.fetch_add(1, std::memory_order_relaxed);
+    f(first, last);
+  });
+  last_step_threads.store(threads.load(), std::memory_order_relaxed);
+}
 
 // Elements per parallel task: below this a thread costs more than it saves.
 constexpr int64_t kGrainElements = 1 << 15;
@@ -54,7 +71,7 @@ struct Coefficients {
 // row's mean and, with kSum, returns the sum of the next row's directions,
 // g_next + wd * w_next. Every option is a template parameter: a run-time
 // test inside this loop (Nesterov, decoupled decay) made the compiler give
-// up hoisting it, and the step ran up to 2x slower. A row's sum has the
+// up hoisting it and the step slowed down. A row's sum has the
 // same rounding whether taken alone (a thread's first row) or beside an
 // update, so results do not depend on how rows fall to threads.
 // __restrict__ (param, grad and buffer are distinct tensors, the two rows
@@ -111,16 +128,16 @@ template <typename scalar_t, Update kUpdate, Decay kDecay, bool kNesterov>
 void sgd_step(scalar_t* w, const scalar_t* g, scalar_t* buf, int64_t rows,
               int64_t cols, bool centralize, const Coefficients<scalar_t>& c) {
   if (!centralize) {
-    at::parallel_for(0, rows * cols, kGrainElements,
-                     [&](int64_t begin, int64_t end) {
-                       sweep<scalar_t, kUpdate, kDecay, kNesterov, false>(
-                           w + begin, g + begin, buf ? buf + begin : nullptr,
-                           nullptr, nullptr, end - begin, scalar_t(0), c);
-                     });
+    counted_parallel_for(
+        0, rows * cols, kGrainElements, [&](int64_t begin, int64_t end) {
+          sweep<scalar_t, kUpdate, kDecay, kNesterov, false>(
+              w + begin, g + begin, buf ? buf + begin : nullptr, nullptr,
+              nullptr, end - begin, scalar_t(0), c);
+        });
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kGrainElements / cols);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  counted_parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     // A thread's first row is summed alone, each later one beside the
     // update of the row before it.
     double sum = sweep<scalar_t, Update::kNone, kDecay, false, true>(
@@ -216,6 +233,13 @@ void sgd_gc_step(at::Tensor param, const at::Tensor& grad,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_gc_step", &sgd_gc_step,
         "One fused SGD step with Gradient Centralization, in place");
+  m.def("last_step_threads", [] { return last_step_threads.load(); },
+        "How many threads the last sgd_gc_step's loop over rows ran on");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
   // The torch this was compiled against: an install-time build is not used
   // with another one (gc_mm/kernels/__init__.py).
   m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." +

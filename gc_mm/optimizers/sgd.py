@@ -19,15 +19,23 @@ Example::
     optim_wrapper = dict(optimizer=dict(
         type='SGD_GC', lr=0.02, momentum=0.9, weight_decay=1e-4))
 
-Four paths give the same numbers to float rounding. By default CPU
-parameters take the C++ kernel compiled at install (``fused``, see
-:mod:`gc_mm.kernels`; without one, the cache-blocked path of eager torch
-ops) and parameters elsewhere the multi-tensor path (``foreach``: each op
-of the step runs once per batch of tensors, not once per tensor). The
-plain path (``blocked=False``) is the authors' order, tensor by tensor.
+Laid out as torch.optim's SGD: the classes validate their arguments and
+route each parameter to a path; the maths lives in one function per path,
+which give the same numbers to float rounding:
+
+- :func:`_single_tensor_sgd_gc`, the plain path: tensor by tensor, in the
+  authors' order;
+- :func:`_multi_tensor_sgd_gc` (``foreach``): each op of the step runs once
+  per batch of tensors, not once per tensor (the default off the CPU);
+- :func:`_fused_sgd_gc` (``fused``): the C++ kernel of
+  :mod:`gc_mm.kernels`, for CPU tensors (the default on CPU when it was
+  compiled at install).
+
+Momentum is :func:`_momentum` for both Python paths (the kernel has it in
+C++). No path writes to the gradients: after ``step()`` ``p.grad`` is what
+backward left there.
 """
-import math
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.registry import OPTIMIZERS
@@ -37,30 +45,138 @@ from .. import kernels
 from ..centralize import centralize_, is_centralized
 from .base import CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative
 
+# What each path is called in errors and in docs/benchmark.md.
+PATH_NAMES = {
+    'fused': 'fused (C++ kernel)',
+    'multi_tensor': 'multi-tensor (foreach)',
+    'plain': 'plain (single-tensor)',
+}
+# The dtypes the kernel is compiled for (AT_DISPATCH_FLOATING_TYPES).
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
-# Elements per block of the fast path: 4 MB of float32, so a block of grad,
-# param, buffer and scratch stays in a CPU's last-level cache.
-_BLOCK_ELEMENTS = 1 << 20
+
+def _rows_order(tensor: Tensor) -> Optional[List[int]]:
+    """The dims of ``tensor`` in memory order, dim 0 first, if the tensor
+    is contiguous under that permutation (e.g. channels_last: 0, 2, 3, 1),
+    else None.
+
+    GC's rows are the slices of dim 0 and SGD's update is elementwise, so
+    the fast paths work on such a permuted view as on a contiguous tensor:
+    each row is one block of memory, in whatever order it holds its
+    elements.
+    """
+    if tensor.is_contiguous():
+        return list(range(tensor.ndim))
+    order = [0] + sorted(range(1, tensor.ndim),
+                         key=lambda dim: tensor.stride(dim), reverse=True)
+    return order if tensor.permute(order).is_contiguous() else None
 
 
-def _block_shape(param: Tensor) -> Tuple[int, int]:
-    """(rows, columns) of one block of the fast path: whole rows, as many as
-    fit in _BLOCK_ELEMENTS on a CPU (at least one), all on an accelerator."""
-    rows = param.shape[0] if param.ndim > 1 else 1
-    cols = param.numel() // rows if rows else 0
-    if not param.is_cpu or cols == 0:  # all rows; or empty, nothing to do
-        return rows, cols
-    return max(1, min(rows, _BLOCK_ELEMENTS // cols)), cols
+def _fast_path_takes(param: Tensor, grad: Tensor,
+                     buf: Optional[Tensor]) -> bool:
+    """Whether the fused and multi-tensor paths can update ``param``: a
+    non-empty float32/float64 tensor whose gradient and momentum buffer
+    share its memory layout, with each row one block of memory. (Half
+    precision takes the plain path, which does its maths in float32.)"""
+    if param.dtype not in _KERNEL_DTYPES or param.numel() == 0:
+        return False
+    if buf is not None and (buf.dtype != param.dtype
+                            or buf.device != param.device):
+        return False
+    tensors = (grad, ) if buf is None else (grad, buf)
+    if param.is_contiguous():
+        return all(t.is_contiguous() for t in tensors)
+    order = _rows_order(param)
+    return order is not None and all(
+        t.permute(order).is_contiguous() for t in tensors)
+
+
+def _laid_out_like(buf: Tensor, param: Tensor) -> Tensor:
+    """``buf``, or a copy of it in ``param``'s memory layout if it has
+    another one (a model converted to channels_last after its optimizer
+    was built)."""
+    if buf.stride() == param.stride():
+        return buf
+    relaid = torch.empty_like(param, dtype=buf.dtype)
+    if relaid.stride() == buf.stride():  # param's layout cannot be copied
+        return buf
+    return relaid.copy_(buf)
+
+
+def _momentum(params: List[Tensor], directions: List[Tensor],
+              momentum_buffers: List[Optional[Tensor]], momentum: float,
+              dampening: float, nesterov: bool) -> List[Tensor]:
+    """SGD's momentum, for the Python paths: updates ``momentum_buffers``
+    in place and returns the directions of the update.
+
+    A None in ``momentum_buffers`` is a parameter's first step: it is
+    replaced by a new buffer, in the parameter's layout, holding the
+    direction. (A path hands a new buffer back to its caller's list only
+    once the parameter moved, so a step that fails leaves no buffer that
+    the parameter's next step would take for a later one.)
+    """
+    started = [i for i, buf in enumerate(momentum_buffers) if buf is not None]
+    if started:
+        bufs = [momentum_buffers[i] for i in started]
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, [directions[i] for i in started],
+                            alpha=1 - dampening)
+    for i, buf in enumerate(momentum_buffers):
+        if buf is None:
+            momentum_buffers[i] = torch.empty_like(
+                params[i], dtype=directions[i].dtype).copy_(directions[i])
+    if nesterov:  # a new tensor: a direction may be the gradient itself
+        return torch._foreach_add(directions, momentum_buffers,
+                                  alpha=momentum)
+    return list(momentum_buffers)
+
+
+def _single_tensor_sgd_gc(params: List[Tensor], grads: List[Tensor],
+                          momentum_buffers: List[Optional[Tensor]], *,
+                          gc_mode: Optional[str], lr: float,
+                          weight_decay: float, momentum: float,
+                          dampening: float, nesterov: bool,
+                          decoupled_weight_decay: bool) -> None:
+    """The plain path: one tensor at a time, in the authors' order; any
+    dtype, layout and size. Half-precision tensors are updated in float32
+    (their momentum buffers are float32)."""
+    coupled_decay = weight_decay and not decoupled_weight_decay
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        centralized = is_centralized(param, gc_mode)
+        half = param.dtype in HALF_DTYPES
+        work = param.float() if half else param
+        if half:
+            grad = grad.float()  # a copy: free to centralize in place
+        # The direction in a tensor of its own, never in the gradient.
+        if coupled_decay:
+            direction = grad.add(work, alpha=weight_decay)
+        elif centralized and not half:
+            direction = grad.clone()
+        else:
+            direction = grad  # only read from here on
+        if centralized:
+            centralize_([direction])
+        buf = momentum_buffers[i:i + 1]
+        if momentum:
+            (direction, ) = _momentum([work], [direction], buf, momentum,
+                                      dampening, nesterov)
+        if weight_decay and decoupled_weight_decay:
+            work.mul_(1 - lr * weight_decay)
+        work.add_(direction, alpha=-lr)
+        if half:
+            param.copy_(work)
+        momentum_buffers[i] = buf[0]
 
 
 def _batches(params: List[Tensor], gc_mode: Optional[str],
-             max_elements: int) -> Iterator[Tuple[List[Tensor], int]]:
-    """Batches of the multi-tensor path, with their row length (0: not
-    centralized). A batch shares a device, a dtype and a row length, so its
-    gradients, concatenated, are one matrix whose rows GC centralizes as
-    each tensor's own; it holds at most ``max_elements`` (or one tensor)."""
+             max_elements: int) -> Iterator[Tuple[List[int], int]]:
+    """Batches of the multi-tensor path, as indices into ``params``, with
+    their row length (0: not centralized). A batch shares a device, a dtype
+    and a row length, so its gradients, concatenated, are one matrix whose
+    rows GC centralizes as each tensor's own; it holds at most
+    ``max_elements`` (or one tensor)."""
     open_batches = {}
-    for param in params:
+    for i, param in enumerate(params):
         cols = (param.numel() // param.shape[0]
                 if is_centralized(param, gc_mode) else 0)
         key = (param.device, param.dtype, cols)
@@ -68,9 +184,84 @@ def _batches(params: List[Tensor], gc_mode: Optional[str],
         if batch and size + param.numel() > max_elements:
             yield batch, cols
             batch, size = [], 0
-        open_batches[key] = (batch + [param], size + param.numel())
+        open_batches[key] = (batch + [i], size + param.numel())
     for (_, _, cols), (batch, _) in open_batches.items():
         yield batch, cols
+
+
+def _multi_tensor_sgd_gc(params: List[Tensor], grads: List[Tensor],
+                         momentum_buffers: List[Optional[Tensor]], *,
+                         gc_mode: Optional[str], lr: float,
+                         weight_decay: float, momentum: float,
+                         dampening: float, nesterov: bool,
+                         decoupled_weight_decay: bool) -> None:
+    """The multi-tensor path, for tensors :func:`_fast_path_takes`: each
+    op of the step runs once per batch (torch's ``_foreach`` ops), so a GPU
+    launches a few kernels per batch instead of several per tensor;
+    transient memory at most the largest gradient."""
+    largest = max(param.numel() for param in params)
+    for batch, cols in _batches(params, gc_mode, largest):
+        batch_params = [params[i] for i in batch]
+        # The batch's directions, in one new buffer: GC centralizes them as
+        # one matrix of rows, one reduction for the whole batch. Each
+        # gradient is copied in its memory order (its rows stay rows), and
+        # its direction is a view with its parameter's shape and layout.
+        orders = [_rows_order(param) for param in batch_params]
+        flat = torch.cat([
+            grads[i].permute(order).reshape(-1)
+            for i, order in zip(batch, orders)
+        ])
+        directions = []
+        for chunk, param, order in zip(
+                flat.split([param.numel() for param in batch_params]),
+                batch_params, orders):
+            shape = [param.shape[dim] for dim in order]
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            directions.append(chunk.view(shape).permute(inverse))
+        if weight_decay and not decoupled_weight_decay:
+            torch._foreach_add_(directions, batch_params, alpha=weight_decay)
+        if cols:
+            centralize_([flat.view(-1, cols)])
+        bufs = [momentum_buffers[i] for i in batch]
+        if momentum:
+            directions = _momentum(batch_params, directions, bufs, momentum,
+                                   dampening, nesterov)
+        if weight_decay and decoupled_weight_decay:
+            torch._foreach_mul_(batch_params, 1 - lr * weight_decay)
+        torch._foreach_add_(batch_params, directions, alpha=-lr)
+        for i, buf in zip(batch, bufs):
+            momentum_buffers[i] = buf
+
+
+def _fused_sgd_gc(params: List[Tensor], grads: List[Tensor],
+                  momentum_buffers: List[Optional[Tensor]], *,
+                  gc_mode: Optional[str], lr: float, weight_decay: float,
+                  momentum: float, dampening: float, nesterov: bool,
+                  decoupled_weight_decay: bool) -> None:
+    """The C++ kernel (gc_mm/kernels/sgd.cpp), one call per tensor, for
+    CPU tensors :func:`_fast_path_takes`. The kernel writes a first step's
+    buffer, which enters ``momentum_buffers`` once the call returned."""
+    step = kernels.load('sgd').sgd_gc_step
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        buf = momentum_buffers[i]
+        first_step = bool(momentum) and buf is None
+        if first_step:
+            buf = torch.empty_like(param)
+        tensors = (param, grad, buf)
+        if not param.is_contiguous():  # the kernel takes rows in memory
+            order = _rows_order(param)
+            tensors = [t if t is None else t.permute(order) for t in tensors]
+        step(*tensors, is_centralized(param, gc_mode), lr, weight_decay,
+             momentum, dampening, nesterov, decoupled_weight_decay,
+             first_step)
+        momentum_buffers[i] = buf
+
+
+_PATHS = {
+    'fused': _fused_sgd_gc,
+    'multi_tensor': _multi_tensor_sgd_gc,
+    'plain': _single_tensor_sgd_gc,
+}
 
 
 class _SGDBase(GCOptimizer):
@@ -90,30 +281,33 @@ class _SGDBase(GCOptimizer):
         fused (bool | None): the C++ kernel, for CPU parameters (each row
             summed while the one before it is updated, then updated while
             in cache; rows split among threads). True: use it, compiling
-            it on first use if it was not installed (45-50 s on 2 cores,
-            then cached);
-            refused for parameters off the CPU. None: use it on CPU if it
-            was compiled at install (``pip install --no-build-isolation
-            --use-pep517 -e .``, as tools/install.sh does) and no other
-            path is asked for below. Defaults to None.
+            it on first use if it was not installed (then cached in
+            torch's extension directory); refused for parameters off the
+            CPU. Defaults to None.
         foreach (bool | None): the multi-tensor path (the tensors of a
             group batched by device, dtype and row length, each op of the
-            step run once per batch with torch's ``_foreach`` ops, so a GPU
-            launches a few kernels per batch instead of several per tensor;
-            transient memory at most the largest gradient). None: on for
-            parameters off the CPU, where kernel launches dominate. Defaults
+            step run once per batch with torch's ``_foreach`` ops). Defaults
             to None.
-        blocked (bool): where neither of the above applies, rows in
-            cache-sized blocks (True) or the plain path in the authors'
-            order (False: gradients used as scratch; with ``fused=None`` it
-            also turns the installed kernel off). Defaults to True.
 
-    All paths give the same numbers to float rounding; all but the plain
-    one leave gradients untouched. Half-precision, empty and non-contiguous
-    parameters always take the plain path.
+    ``fused=False, foreach=False`` is the plain path, tensor by tensor.
+    With both None (the default) CPU parameters take the kernel if it was
+    compiled at install (``pip install --no-build-isolation --use-pep517
+    -e .``, as tools/install.sh does) and the plain path if not (faster
+    there than the multi-tensor path, see docs/benchmark.md); parameters
+    elsewhere take the multi-tensor path, where kernel launches dominate.
+    False rules a path out of that choice (``fused=False``: the plain path
+    on CPU, the multi-tensor path elsewhere).
+    ``fused`` and ``foreach`` choose a path, not the maths: a checkpoint
+    loaded into this optimizer keeps the values it was built with.
+
+    All paths give the same numbers to float rounding and leave the
+    gradients as backward left them. Parameters the fast paths cannot take
+    (half precision, empty, or a gradient or buffer in another memory
+    layout than the parameter) take the plain path on every setting.
     """
 
     decoupled_weight_decay = False
+    path_options = ('fused', 'foreach')
 
     def __init__(self,
                  params,
@@ -124,8 +318,7 @@ class _SGDBase(GCOptimizer):
                  nesterov: bool = False,
                  gc_mode: Optional[str] = CLASS_RULE,
                  fused: Optional[bool] = None,
-                 foreach: Optional[bool] = None,
-                 blocked: bool = True):
+                 foreach: Optional[bool] = None):
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -134,9 +327,15 @@ class _SGDBase(GCOptimizer):
             nesterov=nesterov,
             gc_mode=gc_mode,
             fused=fused,
-            foreach=foreach,
-            blocked=blocked)
+            foreach=foreach)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Older checkpoints carry 'blocked', the option of a path since
+        # removed: it means nothing now.
+        for group in self.param_groups:
+            group.pop('blocked', None)
 
     def _check_group(self, group: dict) -> None:
         check_non_negative(group, 'lr', 'momentum', 'dampening',
@@ -146,13 +345,13 @@ class _SGDBase(GCOptimizer):
             raise ValueError('nesterov=True needs momentum > 0 and '
                              f"dampening = 0, got momentum={group['momentum']}"
                              f", dampening={group['dampening']}")
-        if not isinstance(group['blocked'], bool):
-            raise ValueError(
-                f"blocked must be True or False, got {group['blocked']!r}")
         for name in ('foreach', 'fused'):
             if not (group[name] is None or isinstance(group[name], bool)):
                 raise ValueError(f'{name} must be None (automatic), True or '
                                  f'False, got {group[name]!r}')
+        if group['fused'] and group['foreach']:
+            raise ValueError('fused=True and foreach=True ask for two paths: '
+                             'set one of them')
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -167,6 +366,14 @@ class _SGDBase(GCOptimizer):
     def _check_param(self, param: Tensor, group: dict, index: int) -> None:
         super()._check_param(param, group, index)
         self._check_device(param, group, index)
+        if group['fused']:
+            # Built (or loaded) now, before any parameter moves.
+            try:
+                kernels.load('sgd')
+            except RuntimeError as error:
+                raise RuntimeError(f"{type(self).__name__} "
+                                   f"{PATH_NAMES['fused']} path: {error}"
+                                   ) from error
 
     def _check_device(self, param: Tensor, group: dict, index: int) -> None:
         if group['fused'] is True and not param.is_cpu:
@@ -178,185 +385,67 @@ class _SGDBase(GCOptimizer):
 
     @staticmethod
     def path(group: dict, on_cpu: bool) -> str:
-        """The path ('fused', 'multi_tensor', 'plain' or 'blocked') a
-        regular tensor of ``group`` takes, on CPU or elsewhere, in the order
-        docs/benchmark.md gives."""
-        if group['fused']:
+        """The path ('fused', 'multi_tensor' or 'plain') a regular tensor
+        of ``group`` takes, on CPU or elsewhere."""
+        fused, foreach = group['fused'], group['foreach']
+        if fused:
             return 'fused'
-        if not on_cpu if group['foreach'] is None else group['foreach']:
+        if foreach:
             return 'multi_tensor'
-        if not group['blocked']:
-            return 'plain'
-        if (group['fused'] is None and on_cpu
+        # None leaves the choice to the device's default, False rules the
+        # path out of it.
+        if (fused is None and on_cpu
                 and kernels.installed('sgd') is not None):
             return 'fused'
-        return 'blocked'
+        if foreach is None and not on_cpu:
+            return 'multi_tensor'
+        return 'plain'
 
-    def _update_group(self, group: dict, params) -> None:
-        # The fast paths leave gradients untouched and hold no memory
-        # between steps. Half-precision (float32 maths), empty and
-        # non-contiguous tensors take the plain path on every setting.
-        paths = {name: [] for name in ('fused', 'plain', 'blocked',
-                                       'multi_tensor')}
-        # Decided once per group and device kind, not per tensor: routing
-        # each tensor was half the step's Python time (0.3 of 0.7 ms on
-        # R50, where the kernel takes about 25).
-        by_device = {on_cpu: paths[self.path(group, on_cpu)]
-                     for on_cpu in (True, False)}
-        for param in params:
-            if param.dtype in HALF_DTYPES or param.numel() == 0 or not (
-                    param.is_contiguous() and param.grad.is_contiguous()):
-                paths['plain'].append(param)
-            else:
-                by_device[param.is_cpu].append(param)
-        if paths['fused']:
-            self._update_fused(group, paths['fused'])
-        if paths['plain']:
-            super()._update_group(group, paths['plain'])
-        if paths['blocked']:
-            self._update_blocked(group, paths['blocked'])
-        if paths['multi_tensor']:
-            self._update_multi_tensor(group, paths['multi_tensor'])
-
-    def _update_blocked(self, group: dict, params: List[Tensor]) -> None:
-        # Blocks of whole rows that fit in the CPU cache, so each element of
-        # grad, param and buffer is read from memory once and every later op
-        # of the step hits the cache; GC is row-local, so a block of rows is
-        # centralized exactly as the whole. The direction lives in a scratch
-        # buffer (one block; a whole tensor on an accelerator).
-        scratch = {}  # one block per dtype and device, for the whole step
-        for param in params:
-            key = (param.dtype, param.device)
-            if key not in scratch:
-                # Allocated once at its largest, so the step touches fresh
-                # pages once (a growing buffer would fault on each regrowth).
-                scratch[key] = param.new_empty(max(
-                    math.prod(_block_shape(p)) for p in params
-                    if (p.dtype, p.device) == key))
-            self._update_in_blocks(param, group, scratch[key])
-
-    def _update_multi_tensor(self, group: dict, params: List[Tensor]) -> None:
-        lr, weight_decay = group['lr'], group['weight_decay']
-        momentum, dampening = group['momentum'], group['dampening']
-        largest = max(param.numel() for param in params)
-        for batch, cols in _batches(params, group['gc_mode'], largest):
-            # The batch's directions, in one buffer: GC centralizes them as
-            # one matrix of rows, one reduction for the whole batch.
-            flat = torch.cat([param.grad.view(-1) for param in batch])
-            directions = [
-                chunk.view_as(param) for chunk, param in zip(
-                    flat.split([param.numel() for param in batch]), batch)
-            ]
-            if weight_decay and not self.decoupled_weight_decay:
-                torch._foreach_add_(directions, batch, alpha=weight_decay)
-            if cols:
-                centralize_([flat.view(-1, cols)])
-            if momentum:
-                bufs, new_bufs, new_directions = [], [], []
-                old_bufs, old_directions = [], []
-                for param, direction in zip(batch, directions):
-                    buf, first_step = self._momentum_buffer(param, momentum)
-                    bufs.append(buf)
-                    if first_step:
-                        new_bufs.append(buf)
-                        new_directions.append(direction)
-                    else:
-                        old_bufs.append(buf)
-                        old_directions.append(direction)
-                if new_bufs:
-                    torch._foreach_copy_(new_bufs, new_directions)
-                if old_bufs:
-                    torch._foreach_mul_(old_bufs, momentum)
-                    torch._foreach_add_(old_bufs, old_directions,
-                                        alpha=1 - dampening)
-                if group['nesterov']:
-                    torch._foreach_add_(directions, bufs, alpha=momentum)
-                else:
-                    directions = bufs
-            if weight_decay and self.decoupled_weight_decay:
-                torch._foreach_mul_(batch, 1 - lr * weight_decay)
-            torch._foreach_add_(batch, directions, alpha=-lr)
-
-    def _update_in_blocks(self, param: Tensor, group: dict,
-                          scratch: Tensor) -> None:
-        lr, weight_decay = group['lr'], group['weight_decay']
-        momentum, dampening = group['momentum'], group['dampening']
-        coupled_decay = weight_decay and not self.decoupled_weight_decay
-        centralized = is_centralized(param, group['gc_mode'])
-        buf, first_step = self._momentum_buffer(param, momentum)
-        block_rows, cols = _block_shape(param)
-        rows = param.numel() // cols
-        views = [t.view(rows, cols) for t in (param, param.grad)]
-        if momentum:
-            views.append(buf.view(rows, cols))
-        for start in range(0, rows, block_rows):
-            p, g, *b = [v[start:start + block_rows] for v in views]
-            d = scratch[:g.numel()].view(g.shape)
-            if coupled_decay:
-                torch.add(g, p, alpha=weight_decay, out=d)
-            else:
-                d.copy_(g)
-            if centralized:  # decided on the parameter's shape, above
-                centralize_([d])
-            direction = d
-            if momentum:
-                block_buf = b[0]
-                if first_step:
-                    block_buf.copy_(d)
-                elif dampening:
-                    block_buf.mul_(momentum).add_(d, alpha=1 - dampening)
-                else:
-                    torch.add(d, block_buf, alpha=momentum, out=block_buf)
-                direction = d.add_(block_buf, alpha=momentum) if group[
-                    'nesterov'] else block_buf
-            if weight_decay and self.decoupled_weight_decay:
-                p.mul_(1 - lr * weight_decay)
-            p.add_(direction, alpha=-lr)
-
-    def _momentum_buffer(self, param: Tensor,
-                         momentum: float) -> Tuple[Optional[Tensor], bool]:
-        """The fast paths' momentum buffer (None without momentum) and
-        whether this is its first step: then it is new, to be written, not
-        read."""
-        if not momentum:
-            return None, False
-        state = self.state[param]
-        first_step = 'momentum_buffer' not in state
-        if first_step:
-            state['momentum_buffer'] = torch.empty_like(param)
-        return state['momentum_buffer'], first_step
-
-    def _update_fused(self, group: dict, params: List[Tensor]) -> None:
-        step = kernels.load('sgd').sgd_gc_step
-        options = (group['lr'], group['weight_decay'], group['momentum'],
-                   group['dampening'], group['nesterov'],
-                   self.decoupled_weight_decay)
-        for param in params:
-            buf, first_step = self._momentum_buffer(param, group['momentum'])
-            step(param, param.grad, buf,
-                 is_centralized(param, group['gc_mode']), *options,
-                 first_step)
-
-    def _update_tensor(self, param: Tensor, grad: Tensor,
-                       state: Dict[str, Tensor], group: dict) -> None:
-        lr, weight_decay = group['lr'], group['weight_decay']
+    def _update_group(self, group: dict, params: List[Tensor]) -> None:
         momentum = group['momentum']
-        if weight_decay and not self.decoupled_weight_decay:
-            grad.add_(param, alpha=weight_decay)
-        if group['gc_mode'] is not None:
-            centralize_([grad], conv_only=group['gc_mode'] == 'conv')
-        direction = grad
-        if momentum:
-            buf = state.get('momentum_buffer')
-            if buf is None:
-                buf = state['momentum_buffer'] = grad.clone()
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1 - group['dampening'])
-            direction = grad.add_(buf, alpha=momentum) if group[
-                'nesterov'] else buf
-        if weight_decay and self.decoupled_weight_decay:
-            param.mul_(1 - lr * weight_decay)
-        param.add_(direction, alpha=-lr)
+        # Routed once per group and device kind, then per tensor only where
+        # the fast paths cannot take it.
+        by_device = {on_cpu: self.path(group, on_cpu)
+                     for on_cpu in (True, False)}
+        routed = {path: ([], [], []) for path in _PATHS}
+        for param in params:
+            buf = None
+            if momentum:
+                state = self.state[param]
+                buf = state.get('momentum_buffer')
+                if buf is not None:
+                    buf = state['momentum_buffer'] = _laid_out_like(buf, param)
+            path = by_device[param.is_cpu]
+            if path != 'plain' and not _fast_path_takes(param, param.grad,
+                                                        buf):
+                path = 'plain'
+            for values, value in zip(routed[path], (param, param.grad, buf)):
+                values.append(value)
+        options = dict(
+            gc_mode=group['gc_mode'],
+            lr=group['lr'],
+            weight_decay=group['weight_decay'],
+            momentum=momentum,
+            dampening=group['dampening'],
+            nesterov=group['nesterov'],
+            decoupled_weight_decay=self.decoupled_weight_decay)
+        for path, (path_params, grads, bufs) in routed.items():
+            if not path_params:
+                continue
+            try:
+                _PATHS[path](path_params, grads, bufs, **options)
+            except Exception as error:
+                raise RuntimeError(f'{type(self).__name__} {PATH_NAMES[path]} '
+                                   f'path: {error}') from error
+            finally:
+                # Also after a failure midway: the buffers of the parameters
+                # that moved (a path hands a first step's buffer back only
+                # then), so their next step continues their momentum and
+                # the others' next step is their first.
+                if momentum:
+                    for param, buf in zip(path_params, bufs):
+                        if buf is not None:
+                            self.state[param]['momentum_buffer'] = buf
 
 
 @OPTIMIZERS.register_module()
