@@ -139,16 +139,15 @@ def variants(family: str, device: torch.device):
         # on this device (SGD_GC.path, the optimizer's own routing) is
         # labelled so.
         paths = {
-            'blocked': dict(fused=False, foreach=False),
             'multi-tensor': dict(foreach=True),
-            'plain path': dict(blocked=False, foreach=False),
+            'plain path': dict(fused=False, foreach=False),
         }
         if on_cpu:  # the kernel is for CPU tensors only
             paths['C++ kernel'] = dict(fused=True)
         defaults = reg.SGD_GC([torch.zeros(1, device=device)]).defaults
         default = {
             'fused': 'C++ kernel', 'multi_tensor': 'multi-tensor',
-            'blocked': 'blocked', 'plain': 'plain path'
+            'plain': 'plain path'
         }[reg.SGD_GC.path(defaults, on_cpu)]
         for path, options in paths.items():
             label = f'default: {path}' if path == default else path
