@@ -102,10 +102,12 @@ class CentralizeGradsMixin:
                         'parameter with paramwise_cfg.gc.exclude.')
             out_dim = group.get('gc_out_dim', 0)
             groups = group.get('gc_groups', 1)
-            try:
-                check_output_layout(centralized, out_dim, groups)
-            except ValueError as error:
-                raise ValueError(f'param group {index}: {error}') from None
+            if out_dim != 0 or groups != 1:
+                try:
+                    check_output_layout(centralized, out_dim, groups)
+                except ValueError as error:
+                    raise ValueError(
+                        f'param group {index}: {error}') from None
             plan.append((grads, gc_mode == 'conv', out_dim, groups))
         return plan
 
