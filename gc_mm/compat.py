@@ -174,16 +174,29 @@ def enable_cpu_autocast_for_mmcv_ops() -> None:
 def setup_distributed(cfg, launcher: str) -> None:
     """Prepare ``cfg`` (and the process group) for a run without CUDA.
 
-    With CUDA, nothing changes. Without it, a 'nccl' backend becomes 'gloo',
-    the process group is initialized here (mmengine's init would call
-    torch.cuda.set_device) and DDP is built for CPU modules (no device_ids).
+    With CUDA, mmengine initializes the process group as usual (for
+    launcher='slurm' only MASTER_PORT gets a default here, see below).
+    Without it, a 'nccl' backend becomes 'gloo', the process group is
+    initialized here (mmengine's init would call torch.cuda.set_device) and
+    DDP is built for CPU modules (no device_ids).
+
+    launcher='pytorch' (torchrun) takes RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT from the environment. launcher='slurm' (srun) sets them from
+    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the first host of
+    SLURM_NODELIST, as mmengine does; MASTER_ADDR and MASTER_PORT already in
+    the environment win. MASTER_PORT defaults to one derived from
+    SLURM_JOB_ID, so that two jobs sharing a node do not collide on
+    mmengine's fixed 29500.
     """
+    if launcher == 'slurm':
+        _slurm_environment(cpu=not torch.cuda.is_available())
     if launcher == 'none' or torch.cuda.is_available():
         return
-    if launcher != 'pytorch':
+    if launcher not in ('pytorch', 'slurm'):
         raise ValueError(
             f'launcher={launcher!r} without CUDA is not supported; use '
-            'tools/dist_train.sh (torchrun, launcher=pytorch)')
+            'launcher=pytorch (tools/dist_train.sh) or slurm '
+            '(tools/slurm_train.sh)')
     dist_cfg = cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
     if dist_cfg.get('backend', 'nccl') == 'nccl':
         print_log('No CUDA: distributed training uses the gloo backend.',
@@ -204,3 +217,35 @@ def setup_distributed(cfg, launcher: str) -> None:
             rank=int(os.environ['RANK']),
             world_size=int(os.environ['WORLD_SIZE']),
             **options)
+
+
+def _slurm_environment(cpu: bool) -> None:
+    """Set MASTER_PORT (and, for a CPU run, RANK, WORLD_SIZE, LOCAL_RANK and
+    MASTER_ADDR) from the SLURM_* variables srun gives every task."""
+    missing = [name for name in ('SLURM_PROCID', 'SLURM_NTASKS',
+                                 'SLURM_NODELIST', 'SLURM_JOB_ID')
+               if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f'launcher=slurm: {", ".join(missing)} not set; start the '
+            'tasks with srun (tools/slurm_train.sh, tools/slurm_test.sh)')
+    # Unprivileged and below Linux's ephemeral range (32768+).
+    os.environ.setdefault('MASTER_PORT',
+                          str(20000 + int(os.environ['SLURM_JOB_ID']) % 10000))
+    if not cpu:
+        return  # mmengine's _init_dist_slurm sets the rest
+    if 'MASTER_ADDR' not in os.environ:
+        import subprocess
+        nodes = os.environ['SLURM_NODELIST']
+        try:
+            hosts = subprocess.run(['scontrol', 'show', 'hostnames', nodes],
+                                   capture_output=True, text=True,
+                                   check=True).stdout.split()
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise RuntimeError(
+                f'launcher=slurm: cannot expand SLURM_NODELIST={nodes!r} '
+                f'with scontrol ({error}); set MASTER_ADDR') from error
+        os.environ['MASTER_ADDR'] = hosts[0]
+    os.environ['RANK'] = os.environ['SLURM_PROCID']
+    os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+    os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')

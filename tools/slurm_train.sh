@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Training on a Slurm cluster (GPUs):
-#   [GPUS=16] bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR [train.py options]
-set -x
+# Training on a Slurm cluster, one task per GPU:
+#   [GPUS=16] [GPUS_PER_NODE=8] bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR [train.py options]
+# On CPU nodes, GPUS_PER_NODE=0: no GPUs are asked for, GPUS tasks train
+# with gloo (put --ntasks-per-node in SRUN_ARGS to place them).
+# Also: CPUS_PER_TASK (5), SRUN_ARGS, PYTHON, MASTER_PORT (default derived
+# from the job id).
+set -ex
 PARTITION=$1
 JOB_NAME=$2
 CONFIG=$3
@@ -10,16 +14,21 @@ GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-""}
-PY_ARGS=${@:5}
 PYTHON=${PYTHON:-python}
 
-PYTHONPATH="$(dirname $0)/..":$PYTHONPATH \
-srun -p ${PARTITION} \
-    --job-name=${JOB_NAME} \
-    --gres=gpu:${GPUS_PER_NODE} \
-    --ntasks=${GPUS} \
-    --ntasks-per-node=${GPUS_PER_NODE} \
-    --cpus-per-task=${CPUS_PER_TASK} \
+DEVICE_ARGS=()
+if [ "$GPUS_PER_NODE" -gt 0 ]; then
+    DEVICE_ARGS=(--gres=gpu:"$GPUS_PER_NODE" --ntasks-per-node="$GPUS_PER_NODE")
+fi
+
+# SRUN_ARGS is split into words on purpose (several srun options).
+PYTHONPATH="$(dirname "$0")/..":${PYTHONPATH:-} \
+srun -p "$PARTITION" \
+    --job-name="$JOB_NAME" \
+    "${DEVICE_ARGS[@]}" \
+    --ntasks="$GPUS" \
+    --cpus-per-task="$CPUS_PER_TASK" \
     --kill-on-bad-exit=1 \
     ${SRUN_ARGS} \
-    ${PYTHON} -u $(dirname $0)/train.py ${CONFIG} --work-dir=${WORK_DIR} --launcher="slurm" ${PY_ARGS}
+    "$PYTHON" -u "$(dirname "$0")/train.py" "$CONFIG" --work-dir="$WORK_DIR" \
+    --launcher=slurm "${@:5}"
