@@ -45,8 +45,11 @@ def check_optim_wrapper(cfg: Config) -> None:
                       'optim_wrapper.optimizer.type')
 
 
-def _datasets(cfg: Config):
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+
+
+def _datasets(cfg: Config, loaders):
+    for loader in loaders:
         dataset = (cfg.get(loader) or {}).get('dataset')
         # Unwrap RepeatDataset / ClassBalancedDataset style wrappers.
         while isinstance(dataset, dict) and 'dataset' in dataset:
@@ -55,8 +58,9 @@ def _datasets(cfg: Config):
             yield loader, dataset
 
 
-def check_data(cfg: Config) -> None:
-    for loader, dataset in _datasets(cfg):
+def check_data(cfg: Config, loaders=LOADERS) -> None:
+    """Check the data of ``loaders`` (the dataloaders a tool will use)."""
+    for loader, dataset in _datasets(cfg, loaders):
         if dataset.get('type') == 'ShapesDataset':
             continue  # generated on first use
         data_root = dataset.get('data_root') or ''
@@ -88,45 +92,38 @@ def check_data(cfg: Config) -> None:
                     f'annotation file (no {sorted(missing)}).')
 
 
-def load_checkpoint_file(path: str, what: str) -> dict:
-    """Load a local checkpoint with weights_only=True, or raise ConfigError
-    naming the file and what is wrong with it."""
+def check_checkpoint_file(path: str, what: str) -> None:
+    """Check a local checkpoint without loading it: it exists, is a complete
+    torch.save archive, and its pickle names only types that
+    ``weights_only=True`` allows (read statically from its data.pkl, no
+    tensor data is read). The runner then loads it once."""
     if not osp.isfile(path):
         raise ConfigError(f'{what}: checkpoint {path!r} does not exist.')
     if osp.getsize(path) == 0:
         raise ConfigError(f'{what}: checkpoint {path!r} is empty.')
+    # A truncated file has lost the archive's directory, at its end.
     if not zipfile.is_zipfile(path):
         raise ConfigError(
             f'{what}: {path!r} is not a PyTorch checkpoint (truncated, or '
             'another kind of file).')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as error:  # torch raises several types here
+        raise ConfigError(f'{what}: {path!r} is not a readable PyTorch '
+                          f'checkpoint (truncated?): {error}') from None
+    if unsafe:
         raise ConfigError(
-            f'{what}: {path!r} could not be loaded with weights_only=True '
-            f'(truncated, or foreign content): {error}') from None
+            f'{what}: {path!r} cannot be loaded with weights_only=True: it '
+            f'pickles {", ".join(sorted(unsafe))} (foreign content, or a '
+            'checkpoint written by mmengine without gc_mm imported).')
+
+
+def check_loaded_checkpoint(checkpoint, path: str, resume: bool) -> None:
+    """Check what a loaded checkpoint holds (the runner's one load, through
+    :class:`gc_mm.hooks.CheckpointCheckHook`)."""
+    what = '--resume' if resume else 'load_from'
     if not isinstance(checkpoint, dict) or not checkpoint:
         raise ConfigError(f'{what}: {path!r} holds no state dict.')
-    return checkpoint
-
-
-def _latest_checkpoint(work_dir: str) -> Optional[str]:
-    marker = osp.join(work_dir, 'last_checkpoint')
-    if not osp.isfile(marker):
-        return None
-    with open(marker) as f:
-        return f.read().strip() or None
-
-
-def check_checkpoint(cfg: Config) -> None:
-    path = cfg.get('load_from')
-    resume = cfg.get('resume', False)
-    if resume and not path and cfg.get('work_dir'):
-        path = _latest_checkpoint(cfg.work_dir)
-    if not path or path.startswith(REMOTE_PREFIXES):
-        return
-    what = '--resume' if resume else 'load_from'
-    checkpoint = load_checkpoint_file(path, what)
     if resume:
         missing = {'state_dict', 'optimizer', 'meta'} - set(checkpoint)
         if missing:
@@ -141,8 +138,34 @@ def check_checkpoint(cfg: Config) -> None:
             raise ConfigError(f'load_from: {path!r} holds no model weights.')
 
 
-def check_before_run(cfg: Config) -> None:
-    """All checks, in the order a run would hit the problems."""
+def _latest_checkpoint(work_dir: str) -> Optional[str]:
+    marker = osp.join(work_dir, 'last_checkpoint')
+    if not osp.isfile(marker):
+        return None
+    with open(marker) as f:
+        return f.read().strip() or None
+
+
+def checkpoint_path(cfg: Config) -> Optional[str]:
+    """The checkpoint a run will load: load_from, or with resume and no
+    load_from the work directory's latest."""
+    path = cfg.get('load_from')
+    if cfg.get('resume', False) and not path and cfg.get('work_dir'):
+        path = _latest_checkpoint(cfg.work_dir)
+    return path
+
+
+def check_checkpoint(cfg: Config) -> None:
+    path = checkpoint_path(cfg)
+    if not path or path.startswith(REMOTE_PREFIXES):
+        return
+    check_checkpoint_file(path, '--resume' if cfg.get('resume') else
+                          'load_from')
+
+
+def check_before_run(cfg: Config, loaders=LOADERS) -> None:
+    """All checks, in the order a run would hit the problems; the data of
+    ``loaders`` only (tools/test.py needs no training data)."""
     check_optim_wrapper(cfg)
-    check_data(cfg)
+    check_data(cfg, loaders)
     check_checkpoint(cfg)

@@ -7,7 +7,8 @@ import torch
 from mmengine.config import Config
 
 import gc_mm  # noqa: F401
-from gc_mm.checks import ConfigError, check_before_run
+from gc_mm.checks import (ConfigError, check_before_run,
+                          check_loaded_checkpoint)
 from conftest import REPO
 
 BALLOON_GC = f'{REPO}/configs/finetune/mask_rcnn_r50_gc_balloon.py'
@@ -84,10 +85,36 @@ def test_foreign_checkpoints(tmp_path):
     path = tmp_path / 'pickle.pth'
     torch.save({'model': argparse.Namespace(depth=50)}, path)
     cfg, _ = config(tmp_path, load_from=str(path))
-    with pytest.raises(ConfigError, match='weights_only'):
+    with pytest.raises(ConfigError, match='weights_only=True: it pickles '
+                       'argparse.Namespace'):
         check_before_run(cfg)
+    # What mmengine pickles without gc_mm's fix of HistoryBuffer.
+    torch.save({'meta': {'statistics': getattr}}, path)
+    with pytest.raises(ConfigError, match='pickles builtins.getattr .*'
+                       'without gc_mm imported'):
+        check_before_run(cfg)
+
+
+def test_checkpoint_content_is_checked_once_loaded(tmp_path):
+    """What a checkpoint holds is checked on the runner's load
+    (CheckpointCheckHook), not by loading it once more before the run."""
     weights = tmp_path / 'weights.pth'
     torch.save({'state_dict': {'w': torch.zeros(2)}}, weights)
     cfg, _ = config(tmp_path, load_from=str(weights), resume=True)
-    with pytest.raises(ConfigError, match='not a training checkpoint'):
-        check_before_run(cfg)
+    check_before_run(cfg)
+    loaded = torch.load(weights, weights_only=True)
+    with pytest.raises(ConfigError, match='--resume: .*weights.pth.* is not '
+                       'a training checkpoint'):
+        check_loaded_checkpoint(loaded, str(weights), resume=True)
+    check_loaded_checkpoint(loaded, str(weights), resume=False)
+    with pytest.raises(ConfigError, match='load_from: .* holds no model '
+                       'weights'):
+        check_loaded_checkpoint({'meta': {}}, str(weights), resume=False)
+
+
+def test_each_tool_checks_the_data_it_uses(tmp_path):
+    cfg, root = config(tmp_path)
+    (root / 'train' / 'annotation_coco.json').unlink()
+    check_before_run(cfg, loaders=('test_dataloader', ))
+    with pytest.raises(ConfigError, match='train_dataloader.dataset.ann_file'):
+        check_before_run(cfg, loaders=('train_dataloader', 'val_dataloader'))

@@ -4,13 +4,21 @@ import glob
 import json
 import os
 import os.path as osp
+import random
+import shutil
+import subprocess
 import sys
+import types
+import zipfile
 
+import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import gc_mm  # noqa: F401  (allow-lists the types of mmengine checkpoints)
 from conftest import REPO, run_tool
+from gc_mm.hooks import RandomStateHook
 
 DEMO = osp.join(REPO, 'configs/demo/mask_rcnn_r18_fpn_gc_shapes.py')
 BALLOON_GC = osp.join(REPO, 'configs/finetune/mask_rcnn_r50_gc_balloon.py')
@@ -82,12 +90,63 @@ def test_demo_trains_evaluates_and_saves(demo_run):
     assert f'Checkpoint: {work_dir}/epoch_1.pth' in proc.stdout
 
 
-def test_test_py_evaluates_the_checkpoint(demo_run):
+COUNT_LOADS = """
+import atexit, os, runpy, sys
+import torch
+path, load, calls = os.path.realpath(os.environ['COUNT_LOADS_OF']), torch.load, []
+def counting_load(f, *args, **kwargs):
+    if isinstance(f, (str, os.PathLike)) and os.path.realpath(f) == path:
+        calls.append(f)
+    return load(f, *args, **kwargs)
+torch.load = counting_load
+atexit.register(lambda: print(f'torch.load of the checkpoint: {len(calls)}'))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def counting_loads(folder, tool):
+    """The command line that runs ``tool`` and prints how often it called
+    torch.load on the file named by $COUNT_LOADS_OF."""
+    wrapper = folder / 'count_loads.py'
+    wrapper.write_text(COUNT_LOADS)
+    return [str(wrapper), tool]
+
+
+def test_test_py_evaluates_with_only_test_data_loading_once(demo_run,
+                                                            tmp_path):
+    """Evaluating a checkpoint needs only the test data (here the training
+    set is a COCO dataset whose annotation file is absent), and the
+    checkpoint is loaded once."""
     cwd, work_dir, _ = demo_run
-    proc = run_tool([TEST, DEMO, osp.join(work_dir, 'epoch_1.pth'),
-                     '--work-dir', str(cwd / 'test'), '--cfg-options',
-                     'test_dataloader.dataset.indices=4'], cwd=cwd)
+    ckpt = osp.join(work_dir, 'epoch_1.pth')
+    (tmp_path / 'coco').mkdir()
+    proc = run_tool([*counting_loads(tmp_path, TEST), DEMO, ckpt,
+                     '--work-dir', str(tmp_path / 'test'), '--cfg-options',
+                     'test_dataloader.dataset.indices=4',
+                     'train_dataloader.dataset.type=CocoDataset',
+                     f'train_dataloader.dataset.data_root={tmp_path}/coco/',
+                     'train_dataloader.dataset.ann_file='
+                     'annotations/instances_train2017.json'],
+                    cwd=cwd, env=dict(COUNT_LOADS_OF=ckpt))
     assert 'coco/bbox_mAP:' in proc.stdout and 'coco/segm_mAP:' in proc.stdout
+    assert 'torch.load of the checkpoint: 1\n' in proc.stdout
+
+
+def test_train_refuses_to_resume_from_weights_only(demo_run, tmp_path):
+    """What the checkpoint holds is checked on the runner's load: a weights
+    file cannot be resumed from."""
+    cwd, work_dir, _ = demo_run
+    weights = tmp_path / 'weights.pth'
+    torch.save({'state_dict': checkpoint(osp.join(work_dir, 'epoch_1.pth'))[
+        'state_dict']}, weights)
+    proc = run_tool([TRAIN, DEMO, '--work-dir', str(tmp_path / 'w'),
+                     '--resume', str(weights), '--cfg-options', *DEMO_SMALL],
+                    cwd=cwd, check=False)
+    assert proc.returncode != 0
+    assert (f"error: --resume: '{weights}' is not a training checkpoint of "
+            "MMEngine (missing ['meta', 'optimizer'])") in proc.stderr
+    assert not glob.glob(str(tmp_path / 'w' / '*.pth'))
 
 
 def demo_dumping_state(out_dir):
@@ -118,11 +177,13 @@ def test_resume_continues_at_the_right_iteration_with_identical_state(
     saved = checkpoint(osp.join(straight, 'epoch_1.pth'))
     assert 'random_state' in saved
     resumed = str(tmp_path / 'resumed')
-    proc = run_tool([TRAIN, demo_dumping_state(tmp_path), '--work-dir',
-                     resumed, '--resume', osp.join(straight, 'epoch_1.pth'),
-                     '--cfg-options', *two_epochs],
-                    cwd=cwd, env=TEST_HOOK_ENV)
+    source = osp.join(straight, 'epoch_1.pth')
+    proc = run_tool([*counting_loads(tmp_path, TRAIN),
+                     demo_dumping_state(tmp_path), '--work-dir', resumed,
+                     '--resume', source, '--cfg-options', *two_epochs],
+                    cwd=cwd, env=dict(TEST_HOOK_ENV, COUNT_LOADS_OF=source))
     assert 'resumed epoch: 1, iter: 2' in proc.stdout
+    assert 'torch.load of the checkpoint: 1\n' in proc.stdout
     start = torch.load(tmp_path / 'before_train_rank0.pth', weights_only=True)
     assert (start['epoch'], start['iter']) == (1, 2)
     for key, value in saved['state_dict'].items():
@@ -156,6 +217,95 @@ def test_amp_keeps_gc(demo_run):
     assert 'loss_scaler' in ckpt['optimizer']
     # The optimizer is still SGD_GC: its groups carry a GC mode.
     assert ckpt['optimizer']['param_groups'][0]['gc_mode'] == 'conv_fc'
+
+
+class OnAnotherDevice(torch.Tensor):
+    """A tensor that says it lives on a GPU, as a checkpoint that MMEngine's
+    resume loaded onto the runner's device does; its data (kept on the CPU)
+    can only be read by copying it to the CPU."""
+
+    @staticmethod
+    def __new__(cls, data):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, data.shape, dtype=data.dtype, strides=data.stride(),
+            device=torch.device('cuda'))
+
+    def __init__(self, data):
+        self.cpu_data = data
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default
+                and torch.device(kwargs.get('device', 'cuda')).type == 'cpu'):
+            return args[0].cpu_data.clone()
+        raise NotImplementedError(f'{func} of a tensor on another device')
+
+
+def on_another_device(obj):
+    """What map_location='cuda' makes of a checkpoint's tensors."""
+    if torch.is_tensor(obj):
+        return OnAnotherDevice(obj)
+    if isinstance(obj, dict):
+        return {k: on_another_device(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_another_device(v) for v in obj)
+    return obj
+
+
+def draws():
+    return (random.random(), np.random.rand(), torch.rand(4).tolist())
+
+
+def test_resume_restores_random_states_loaded_onto_a_gpu():
+    """The hook's round trip, with the checkpoint's tensors on another
+    device (torch's setters take CPU byte tensors only): the generators
+    continue exactly the saved streams. The runner is the one attribute
+    the hook reads at load."""
+    hook, checkpoint = RandomStateHook(), {}
+    runner = types.SimpleNamespace(_resume=True, iter=7, hooks=[hook])
+    hook.before_save_checkpoint(runner, checkpoint)
+    want = draws()
+    draws()
+    loaded = on_another_device(checkpoint)
+    ranks = loaded['random_state'].get('ranks') or [loaded['random_state']]
+    assert isinstance(ranks[0]['torch'], OnAnotherDevice)
+    hook.after_load_checkpoint(runner, loaded)
+    assert draws() == want
+
+
+def _save_and_resume_on_two_ranks(rank, folder):
+    torch.distributed.init_process_group(
+        'gloo', init_method=f'file://{folder}/rendezvous', rank=rank,
+        world_size=2)
+    random.seed(rank)
+    np.random.seed(rank)
+    torch.manual_seed(rank)
+    hook, checkpoint = RandomStateHook(), {}
+    runner = types.SimpleNamespace(_resume=True, iter=3, hooks=[hook])
+    hook.after_train_epoch(runner)  # every rank, before CheckpointHook
+    if rank == 0:  # MMEngine saves on rank 0 only
+        hook.before_save_checkpoint(runner, checkpoint)
+        torch.save(checkpoint, f'{folder}/epoch_1.pth')
+    want = draws()
+    draws()
+    torch.distributed.barrier()
+    loaded = torch.load(f'{folder}/epoch_1.pth', weights_only=True)
+    hook.after_load_checkpoint(runner, on_another_device(loaded))
+    torch.save(dict(want=want, got=draws()), f'{folder}/rank{rank}.pth')
+    torch.distributed.destroy_process_group()
+
+
+def test_resume_restores_each_rank_its_own_random_states(tmp_path):
+    """Two gloo processes with different seeds: the checkpoint (written by
+    rank 0) holds both ranks' states, and each rank continues its own
+    stream."""
+    mp.spawn(_save_and_resume_on_two_ranks, args=(str(tmp_path), ), nprocs=2)
+    results = [torch.load(tmp_path / f'rank{r}.pth', weights_only=True)
+               for r in (0, 1)]
+    assert results[0]['want'] != results[1]['want']
+    for result in results:
+        assert result['got'] == result['want']
 
 
 @pytest.fixture(scope='module')
@@ -196,10 +346,16 @@ def test_dist_train_two_gloo_processes_end_identical(tmp_path):
     proc = run_tool(
         [osp.join(REPO, 'tools/dist_train.sh'), demo_dumping_state(tmp_path),
          '2', '--work-dir', str(tmp_path / 'work'), '--cfg-options',
-         *DEMO_SMALL, 'train_cfg.val_interval=10'],
+         *DEMO_SMALL, 'train_cfg.val_interval=10',
+         'randomness.diff_rank_seed=True'],
         cwd=tmp_path,
         env=dict(TEST_HOOK_ENV, PORT=str(29500 + os.getpid() % 1000)))
     assert 'distributed training uses the gloo backend' in proc.stdout
+    # Rank 0 wrote the checkpoint, with both ranks' random states.
+    saved = checkpoint(tmp_path / 'work' / 'epoch_1.pth')['random_state']
+    assert len(saved['ranks']) == 2
+    assert not torch.equal(saved['ranks'][0]['torch'],
+                           saved['ranks'][1]['torch'])
     ranks = [torch.load(tmp_path / f'after_train_rank{r}.pth',
                         weights_only=True) for r in (0, 1)]
     start = torch.load(tmp_path / 'before_train_rank0.pth', weights_only=True)
@@ -225,6 +381,9 @@ def test_train_refuses_bad_config_before_training(option, message, tmp_path):
                      '--cfg-options', option], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
+    # mmengine imported pkg_resources (twice) to read the mmdet:: configs;
+    # setuptools' deprecation warning about it is not shown.
+    assert 'pkg_resources' not in proc.stderr
     assert not (tmp_path / 'w').exists() or not glob.glob(
         str(tmp_path / 'w' / '*.pth'))
 
@@ -283,3 +442,60 @@ def test_benchmark_variants_step_off_the_cpu():
                    for name in benchmark_gc.variants(family, device))
     assert list(benchmark_gc.variants('sgd', device))[2:4] == [
         'gc_mm SGD_GC (default: multi-tensor)', 'gc_mm SGD_GC (plain path)']
+
+
+FAILING_CXX = """#!/bin/sh
+# A C++ compiler that answers version queries and fails every compile.
+case "$1" in --version|-v|-dumpversion|-dumpfullversion)
+    [ -n "$REAL_CXX" ] && exec "$REAL_CXX" "$@";; esac
+echo 'c++: cannot compile here' >&2
+exit 1
+"""
+
+STEP_WITHOUT_KERNEL = """
+import torch, gc_mm, gc_mm.kernels
+assert gc_mm.__file__.startswith(%r), gc_mm.__file__
+assert gc_mm.kernels.installed('sgd') is None
+w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+g = torch.randn_like(w)
+p = torch.nn.Parameter(w.clone())
+p.grad = g.clone()
+gc_mm.SGD_GC([p], lr=0.1, momentum=0.9).step()
+want = w - 0.1 * (g - g.mean(dim=(1, 2, 3), keepdim=True))
+torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-15)
+print('stepped without a kernel')
+"""
+
+
+def test_installs_and_steps_without_a_working_compiler(tmp_path):
+    """pip builds gc_mm with a compiler that fails every compile: the wheel
+    has no kernel, and SGD_GC imports and steps without one."""
+    src = tmp_path / 'src'
+    shutil.copytree(osp.join(REPO, 'gc_mm'), src / 'gc_mm',
+                    ignore=shutil.ignore_patterns('*.so', '__pycache__'))
+    for name in ('setup.py', 'README.md'):
+        shutil.copy(osp.join(REPO, name), src)
+    cxx = tmp_path / 'c++'
+    cxx.write_text(FAILING_CXX)
+    cxx.chmod(0o755)
+    env = dict(os.environ, CXX=str(cxx), CC=str(cxx),
+               REAL_CXX=shutil.which('c++') or '')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pip', 'wheel', '-v', '--no-deps',
+         '--no-build-isolation', '--use-pep517', '-w', str(tmp_path / 'w'),
+         str(src)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'the C++ kernels did not compile' in proc.stdout + proc.stderr
+    [wheel] = glob.glob(str(tmp_path / 'w' / 'gc_mm-*.whl'))
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert 'gc_mm/kernels/sgd.cpp' in names
+        assert not [n for n in names if n.endswith('.so')]
+        archive.extractall(tmp_path / 'site')
+    site = str(tmp_path / 'site')
+    proc = subprocess.run(
+        [sys.executable, '-c', STEP_WITHOUT_KERNEL % site],
+        env=dict(os.environ, PYTHONPATH=site), capture_output=True,
+        text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'stepped without a kernel' in proc.stdout

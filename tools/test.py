@@ -10,8 +10,11 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import gc_mm  # noqa: F401  (registers gc_mm, applies the compat fixes)
-from gc_mm.checks import ConfigError, check_before_run
-from gc_mm.compat import setup_distributed
+from gc_mm.checks import ConfigError, check_before_run, checkpoint_path
+from gc_mm.compat import setup_distributed, silence_pkg_resources_warning
+
+# Before Config.fromfile, whose mmengine imports pkg_resources.
+silence_pkg_resources_warning()
 
 
 def parse_args():
@@ -60,10 +63,15 @@ def main():
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
-    # Testing needs no optimizer, training data or resume.
     cfg.resume = False
+    # The file is checked here without loading it; what it holds is
+    # checked on the runner's one load (CheckpointCheckHook).
+    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+        dict(type='CheckpointCheckHook', checkpoint=checkpoint_path(cfg))]
     try:
-        check_before_run(cfg)
+        # Testing needs only the test data (no training data, optimizer or
+        # resume).
+        check_before_run(cfg, loaders=('test_dataloader', ))
     except ConfigError as error:
         sys.exit(f'error: {error}')
     setup_distributed(cfg, args.launcher)
@@ -78,7 +86,10 @@ def main():
             'The dump file must be a pkl file.'
         runner.test_evaluator.metrics.append(
             DumpDetResults(out_file_path=args.out))
-    runner.test()
+    try:
+        runner.test()
+    except ConfigError as error:
+        sys.exit(f'error: {error}')
 
 
 if __name__ == '__main__':

@@ -11,8 +11,11 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import gc_mm  # noqa: F401  (registers gc_mm, applies the compat fixes)
-from gc_mm.checks import ConfigError, check_before_run
-from gc_mm.compat import setup_distributed
+from gc_mm.checks import ConfigError, check_before_run, checkpoint_path
+from gc_mm.compat import setup_distributed, silence_pkg_resources_warning
+
+# Before Config.fromfile, whose mmengine imports pkg_resources.
+silence_pkg_resources_warning()
 
 
 def parse_args():
@@ -116,6 +119,11 @@ def build_config(args) -> Config:
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
+    # The file is checked before the run without loading it; what it holds
+    # is checked on the runner's one load.
+    if checkpoint_path(cfg):
+        cfg.custom_hooks.append(
+            dict(type='CheckpointCheckHook', checkpoint=checkpoint_path(cfg)))
     return cfg
 
 
@@ -123,7 +131,7 @@ def main():
     args = parse_args()
     try:
         cfg = build_config(args)
-        check_before_run(cfg)
+        check_before_run(cfg, loaders=('train_dataloader', 'val_dataloader'))
     except ConfigError as error:
         sys.exit(f'error: {error}')
     setup_distributed(cfg, args.launcher)
@@ -132,7 +140,10 @@ def main():
         runner = Runner.from_cfg(cfg)
     else:
         runner = RUNNERS.build(cfg)
-    runner.train()
+    try:
+        runner.train()
+    except ConfigError as error:
+        sys.exit(f'error: {error}')
 
     if runner.rank == 0:
         last = osp.join(cfg.work_dir, 'last_checkpoint')
