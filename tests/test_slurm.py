@@ -8,6 +8,7 @@ import json
 import os
 import os.path as osp
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -87,6 +88,15 @@ def slurm(tmp_path_factory):
     """A single-node Slurm cluster on localhost; yields the environment its
     clients (srun, sinfo) need. Skips where Slurm is missing or cannot
     start; stops every daemon it started, whatever the tests did."""
+    with pytest.MonkeyPatch.context() as patch:
+        # Inside a job of another cluster srun would join that job.
+        for name in list(os.environ):
+            if name.startswith('SLURM_'):
+                patch.delenv(name)
+        yield from _single_node_slurm(tmp_path_factory)
+
+
+def _single_node_slurm(tmp_path_factory):
     missing = [name for name in DAEMONS if shutil.which(name) is None]
     if missing:
         pytest.skip(f'Slurm is not installed (missing: {", ".join(missing)}'
@@ -148,12 +158,20 @@ def slurm(tmp_path_factory):
         subprocess.run(['scancel', '--partition', PARTITION], env=env,
                        capture_output=True)
         for process in reversed(daemons):
-            process.terminate()
+            # Each daemon leads its own process group (start_new_session).
+            _signal_group(process, signal.SIGTERM)
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                process.kill()
+                _signal_group(process, signal.SIGKILL)
                 process.wait()
+
+
+def _signal_group(process, signum) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass  # the group is gone already
 
 
 def _wait_for(condition, seconds: float) -> bool:
@@ -183,7 +201,9 @@ def test_slurm_scripts_train_and_evaluate_with_two_cpu_tasks(
                       str(work_dir), '--cfg-options', *DEMO_SMALL],
                      cwd=tmp_path, env=env)
     assert '--gres' not in train.stderr  # set -x shows the srun line
+    # mmengine logs the world size as "GPU number", also without GPUs.
     assert 'Distributed launcher: slurm' in train.stdout
+    assert 'GPU number: 2' in train.stdout
     assert 'distributed training uses the gloo backend' in train.stdout
     ranks = [torch.load(tmp_path / f'after_train_rank{r}.pth',
                         weights_only=True) for r in (0, 1)]
@@ -200,6 +220,7 @@ def test_slurm_scripts_train_and_evaluate_with_two_cpu_tasks(
                      '--cfg-options', 'test_dataloader.dataset.indices=4'],
                     cwd=tmp_path, env=env)
     assert 'Distributed launcher: slurm' in test.stdout
+    assert 'GPU number: 2' in test.stdout
     assert 'coco/bbox_mAP:' in test.stdout
     [metrics] = glob.glob(str(tmp_path / 'test' / '*' / '*.json'))
     with open(metrics) as f:
