@@ -16,6 +16,9 @@ CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-""}
 PYTHON=${PYTHON:-python}
 
+case "$GPUS_PER_NODE" in
+    ''|*[!0-9]*) echo "GPUS_PER_NODE must be a whole number (0 on CPU nodes), got '$GPUS_PER_NODE'" >&2; exit 2 ;;
+esac
 DEVICE_ARGS=()
 if [ "$GPUS_PER_NODE" -gt 0 ]; then
     DEVICE_ARGS=(--gres=gpu:"$GPUS_PER_NODE" --ntasks-per-node="$GPUS_PER_NODE")
