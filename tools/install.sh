@@ -26,4 +26,13 @@ if [ -z "$kernel" ] \
     echo "Installing gc_mm and compiling its kernel (about 90 s)..."
     pip install -q --no-build-isolation --use-pep517 -e ".[tests]"
 fi
-.venv/bin/python -c 'import gc_mm, mmdet, mmcv.ops; print("gc_mm", gc_mm.__version__, "| mmdet", mmdet.__version__, "| mmcv", mmcv.__version__)'
+# The kernel is optional: without a working C++ compiler gc_mm installs
+# without it (SGD_GC then takes its eager path on CPU; each run of this
+# script tries the build again), and says so here.
+.venv/bin/python - <<'EOF'
+import gc_mm, gc_mm.kernels, mmcv, mmcv.ops, mmdet
+kernel = ('installed' if gc_mm.kernels.installed('sgd') else
+          'not installed (it did not compile; see pip install -v)')
+print('gc_mm', gc_mm.__version__, '| mmdet', mmdet.__version__, '| mmcv',
+      mmcv.__version__, '| SGD kernel:', kernel)
+EOF
