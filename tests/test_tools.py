@@ -93,7 +93,8 @@ def test_demo_trains_evaluates_and_saves(demo_run):
 COUNT_LOADS = """
 import atexit, os, runpy, sys
 import torch
-path, load, calls = os.path.realpath(os.environ['COUNT_LOADS_OF']), torch.load, []
+path = os.path.realpath(os.environ['COUNT_LOADS_OF'])
+load, calls = torch.load, []
 def counting_load(f, *args, **kwargs):
     if isinstance(f, (str, os.PathLike)) and os.path.realpath(f) == path:
         calls.append(f)
