@@ -534,14 +534,15 @@ def test_complex_parameters_are_refused_before_anything_moves(
     assert torch.equal(real, before) and not opt.state
 
 
-# README's table of what step() leaves in p.grad, as code: "P(g + wd*w)"
-# for Adam_GC/Adam_GCC's float32/float64 tensors on torch's fused Adam,
-# "untouched" (exactly what backward left) for everything else.
-def grad_after_step(name, path, dtype):
-    if (name in TORCH_FUSED_NAMES and path == 'torch_fused'
-            and dtype in (F32, F64)):
-        return 'P(g + wd*w)'
-    return 'untouched'
+# README's table of what step() leaves in p.grad, as code: the gradient
+# untouched, or centralized in place (with coupled decay added) by the
+# variants that centralize the gradient, for float32/float64 tensors on
+# every path.
+def grad_after_step(name, dtype):
+    if (dtype in (BF16, torch.float16) or name in SGD_NAMES
+            or name.endswith('2')):
+        return 'g'
+    return 'P(g)' if name.startswith('AdamW') else 'P(g + wd*w)'
 
 
 @pytest.mark.parametrize('name,path', all_paths())
@@ -553,7 +554,7 @@ def test_what_step_leaves_in_grad(name, path, dtype, monkeypatch):
     params = [torch.nn.Parameter(torch.tensor(w, dtype=dtype))
               for w in weights]
     opt = OPTIMIZERS.build(dict(type=name, params=params, **hp, **options))
-    expected = grad_after_step(name, path, dtype)
+    expected = grad_after_step(name, dtype)
     for step_grads in gradients(steps=2):
         grads = [torch.tensor(g, dtype=dtype) for g in step_grads]
         for p, g in zip(params, grads):
@@ -561,10 +562,11 @@ def test_what_step_leaves_in_grad(name, path, dtype, monkeypatch):
         weights = [p.detach().double().numpy().copy() for p in params]
         opt.step()
         for p, g, w in zip(params, grads, weights):
-            if expected == 'untouched':
+            if expected == 'g':
                 assert torch.equal(p.grad, g), tuple(p.shape)
             else:
-                want = project(g.double().numpy() + hp['weight_decay'] * w,
+                decay = hp['weight_decay'] if expected == 'P(g + wd*w)' else 0
+                want = project(g.double().numpy() + decay * w,
                                default_mode(name))
                 np.testing.assert_allclose(p.grad.double().numpy(), want,
                                            rtol=TOLERANCE[dtype],
@@ -573,18 +575,18 @@ def test_what_step_leaves_in_grad(name, path, dtype, monkeypatch):
 
 @pytest.mark.parametrize('wrapper', ['GCOptimWrapper', 'AmpGCOptimWrapper'])
 def test_wrappers_leave_the_centralized_gradient_in_grad(wrapper):
-    """README's table: the wrappers centralize p.grad in place (after
-    unscaling it, under AMP) before the wrapped optimizer's step; torch's
-    SGD then leaves it as it is."""
+    """README's table: the wrappers centralize p.grad in place (after the
+    loss scaler unscaled it, under AMP) before the wrapped optimizer's
+    step; torch's SGD then leaves it as it is."""
     weights, grads = initial_weights(), gradients(steps=1)[0]
     params = [torch.nn.Parameter(torch.tensor(w, dtype=F32))
               for w in weights]
-    scale = 4.
-    extra = dict(loss_scale=scale) if wrapper == 'AmpGCOptimWrapper' else {}
     optim_wrapper = OPTIM_WRAPPERS.build(dict(
-        type=wrapper, optimizer=torch.optim.SGD(params, lr=0.1), **extra))
-    for p, g in zip(params, grads):
-        p.grad = torch.tensor(g * (scale if extra else 1.), dtype=F32)
+        type=wrapper, optimizer=torch.optim.SGD(params, lr=0.1)))
+    # A loss whose gradient is ``grads`` (scaled by the AMP wrapper).
+    loss = sum((p * torch.tensor(g, dtype=F32)).sum()
+               for p, g in zip(params, grads))
+    optim_wrapper.backward(loss)
     optim_wrapper.step()
     for p, g in zip(params, grads):
         np.testing.assert_allclose(p.grad.double().numpy(),

@@ -7,6 +7,9 @@ Update rule (t = step, P = GC under the optimizer's gc_mode)::
     clr = lr / (1 + (t - 1) * lr_decay)
     w = w - clr * g' / (sqrt(sum) + eps)
 
+After ``step()``, ``p.grad`` of a float32/float64 parameter holds g' (as in
+the authors' code); a half-precision one keeps what backward left.
+
 Example::
 
     optim_wrapper = dict(optimizer=dict(type='Adagrad_GCC', lr=0.01))
@@ -17,7 +20,7 @@ import torch
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
-from ..centralize import centralize_, is_centralized
+from ..centralize import centralize_
 from .base import CLASS_RULE, GCOptimizer, check_non_negative
 
 
@@ -64,14 +67,11 @@ class _AdagradBase(GCOptimizer):
             state['sum'] = torch.full_like(
                 param, group['initial_accumulator_value'])
         state['step'] += 1
-        # p.grad is read, never written: the first op that changes the
-        # gradient makes the step's own copy.
-        centralized = is_centralized(param, group['gc_mode'])
+        # In place, as in the authors' code (a copy would add a pass to the
+        # step): p.grad of a float32/float64 parameter then holds g'.
         if group['weight_decay']:
-            grad = grad.add(param, alpha=group['weight_decay'])
-        elif centralized:
-            grad = grad.clone()
-        if centralized:
+            grad.add_(param, alpha=group['weight_decay'])
+        if group['gc_mode'] is not None:
             centralize_([grad], conv_only=group['gc_mode'] == 'conv')
         clr = group['lr'] / (1 + (state['step'] - 1) * group['lr_decay'])
         state['sum'].addcmul_(grad, grad, value=1)

@@ -14,11 +14,16 @@ optimizer's gc_mode, v is max(v) over time with amsgrad)::
                              w = w - P(lr sqrt(bc2) / bc1 * (wd w + m / (sqrt(v) + eps)))
 
 Adam_GC and Adam_GCC are torch's Adam fed with ``P(g + wd * w)``: on CPU
-and CUDA the decay and GC run in place on the gradients (which then hold
-``P(g + wd * w)``) and torch's fused Adam does the rest. Elsewhere, for
-half-precision tensors and for a gradient whose strides differ from its
-parameter's, the plain path (the authors' loop, tensor by tensor) does it
-all and leaves the gradient untouched, as every other variant here does.
+and CUDA the decay and GC run in place on the gradients and torch's fused
+Adam does the rest. Elsewhere, for half-precision tensors and for a
+gradient whose strides differ from its parameter's, the plain path (the
+authors' loop, tensor by tensor) does it all.
+
+After ``step()``, ``p.grad`` of a float32/float64 parameter holds what the
+moments were fed, as in the authors' code: ``P(g + wd * w)`` (Adam_GC,
+Adam_GCC) or ``P(g)`` (AdamW_GC, AdamW_GCC). The "2" variants, and every
+half-precision parameter (updated through a float32 copy), leave it as
+backward left it.
 
 The AdamW here is the authors' (decay scaled by sqrt(bc2)/bc1, eps added to
 the uncorrected sqrt(v)), not ``torch.optim.AdamW``. The "2" variants
@@ -176,12 +181,14 @@ class _AdamBase(GCOptimizer):
         bias_correction1 = 1 - beta1**state['step']
         bias_correction2 = 1 - beta2**state['step']
 
-        # p.grad is read, never written: the first op that changes the
-        # gradient makes the step's own copy.
+        # A variant that centralizes the gradient does it in place, as the
+        # authors' code does (a copy would add a pass to the step), so
+        # p.grad then holds what the moments are fed; the "2" variants
+        # leave p.grad untouched at no cost.
         if weight_decay and not self.decoupled_weight_decay:
-            grad = grad.add(param, alpha=weight_decay)
-        elif centralized and not self.centralize_update:
-            grad = grad.clone()
+            grad = (grad.add(param, alpha=weight_decay)
+                    if self.centralize_update else grad.add_(
+                        param, alpha=weight_decay))
         if centralized and not self.centralize_update:
             centralize_([grad], conv_only=gc_mode == 'conv')
         exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']

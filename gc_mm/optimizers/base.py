@@ -51,9 +51,10 @@ class GCOptimizer(Optimizer):
 
     Each param group carries ``gc_mode`` ('conv_fc', 'conv' or None), so a
     group (or an optim-wrapper constructor) can switch GC per layer. A
-    subclass sets ``default_gc_mode`` and implements :meth:`_update_tensor`,
-    which must not write into the gradient it is given: unless a subclass
-    documents otherwise, ``step()`` leaves ``p.grad`` as backward left it.
+    subclass sets ``default_gc_mode`` and implements :meth:`_update_tensor`.
+    What ``step()`` leaves in ``p.grad`` is each family's choice, stated in
+    its module docstring and in README's table: a half-precision parameter
+    always keeps what backward left (its maths runs on float32 copies).
     """
 
     default_gc_mode = 'conv_fc'
@@ -196,8 +197,7 @@ class GCOptimizer(Optimizer):
         return loss
 
     def _update_group(self, group: dict, params: List[Tensor]) -> None:
-        """The plain path: one tensor at a time, in the authors' order.
-        ``_update_tensor`` gets the gradient to read, never to write."""
+        """The plain path: one tensor at a time, in the authors' order."""
         for param in params:
             state = self.state[param]
             if param.dtype in HALF_DTYPES:
