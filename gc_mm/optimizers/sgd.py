@@ -32,8 +32,10 @@ which give the same numbers to float rounding:
   compiled at install).
 
 Momentum is :func:`_momentum` for both Python paths (the kernel has it in
-C++). No path writes to the gradients: after ``step()`` ``p.grad`` is what
-backward left there.
+C++). After ``step()``, ``p.grad`` is what backward left there, except on
+the plain path for float32/float64 tensors, which (as the authors' code)
+computes the direction in the gradient: there ``p.grad`` holds
+``d = P(g + wd * w)`` (SGDW: ``P(g)``), the direction before momentum.
 """
 from typing import Iterator, List, Optional, Tuple
 
@@ -125,7 +127,9 @@ def _momentum(params: List[Tensor], directions: List[Tensor],
         if buf is None:
             momentum_buffers[i] = torch.empty_like(
                 params[i], dtype=directions[i].dtype).copy_(directions[i])
-    if nesterov:  # a new tensor: a direction may be the gradient itself
+    # Nesterov's direction in a new tensor: the plain path's direction is
+    # the gradient, which then holds d alone, whatever the options.
+    if nesterov:
         return torch._foreach_add(directions, momentum_buffers,
                                   alpha=momentum)
     return list(momentum_buffers)
@@ -138,23 +142,20 @@ def _single_tensor_sgd_gc(params: List[Tensor], grads: List[Tensor],
                           dampening: float, nesterov: bool,
                           decoupled_weight_decay: bool) -> None:
     """The plain path: one tensor at a time, in the authors' order; any
-    dtype, layout and size. Half-precision tensors are updated in float32
-    (their momentum buffers are float32)."""
+    dtype, layout and size. The direction ``d`` is computed in place in the
+    gradient, as in the authors' code: a new tensor per gradient costs the
+    step a fresh allocation (page faults) per tensor, which made this path
+    measurably slower (docs/benchmark.md). Half-precision tensors are
+    updated in float32 copies (their momentum buffers are float32), so
+    their gradients are left as they are."""
     coupled_decay = weight_decay and not decoupled_weight_decay
     for i, (param, grad) in enumerate(zip(params, grads)):
-        centralized = is_centralized(param, gc_mode)
         half = param.dtype in HALF_DTYPES
-        work = param.float() if half else param
-        if half:
-            grad = grad.float()  # a copy: free to centralize in place
-        # The direction in a tensor of its own, never in the gradient.
+        work, direction = ((param.float(), grad.float()) if half else
+                           (param, grad))
         if coupled_decay:
-            direction = grad.add(work, alpha=weight_decay)
-        elif centralized and not half:
-            direction = grad.clone()
-        else:
-            direction = grad  # only read from here on
-        if centralized:
+            direction.add_(work, alpha=weight_decay)
+        if is_centralized(param, gc_mode):
             centralize_([direction])
         buf = momentum_buffers[i:i + 1]
         if momentum:
@@ -300,10 +301,12 @@ class _SGDBase(GCOptimizer):
     ``fused`` and ``foreach`` choose a path, not the maths: a checkpoint
     loaded into this optimizer keeps the values it was built with.
 
-    All paths give the same numbers to float rounding and leave the
-    gradients as backward left them. Parameters the fast paths cannot take
-    (half precision, empty, or a gradient or buffer in another memory
-    layout than the parameter) take the plain path on every setting.
+    All paths give the same numbers to float rounding. The fused and
+    multi-tensor paths leave the gradients as backward left them; the plain
+    path leaves ``d = P(g + wd * w)`` (SGDW: ``P(g)``) in float32/float64
+    gradients and half-precision ones untouched. Parameters the fast paths
+    cannot take (half precision, empty, or a gradient or buffer in another
+    memory layout than the parameter) take the plain path on every setting.
     """
 
     decoupled_weight_decay = False
