@@ -506,6 +506,29 @@ def test_parameters_and_gradients_in_any_layout_match_reference(
 
 
 @pytest.mark.parametrize('name,path', all_paths())
+def test_parameters_may_change_layout_between_steps(name, path, monkeypatch):
+    """model.to(memory_format=torch.channels_last) after some steps: the
+    state made in the old layout is used in the new one."""
+    hp = HYPER_PARAMS[family(name)][-1]
+    options = take_path(name, path, monkeypatch)
+    weights, grads = initial_weights(), gradients()
+    params = [torch.nn.Parameter(torch.tensor(w)) for w in weights]
+    opt = OPTIMIZERS.build(dict(type=name, params=params, **hp, **options))
+    for step, step_grads in enumerate(grads):
+        if step == 3:
+            for p in params:
+                p.data = laid_out(p.data.numpy(), F64, 'channels_last')
+        for p, g in zip(params, step_grads):
+            p.grad = laid_out(g, F64, 'channels_last' if step >= 3 else
+                              'contiguous')
+        opt.step()
+    want = run_reference(name, hp, weights, grads)
+    for p, w, shape in zip(params, want, SHAPES):
+        np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12,
+                                   atol=1e-12, err_msg=shape)
+
+
+@pytest.mark.parametrize('name,path', all_paths())
 def test_complex_parameters_are_refused_before_anything_moves(
         name, path, monkeypatch):
     """Refused when added (ValueError naming the optimizer, the group and

@@ -136,11 +136,12 @@ class _AdamBase(GCOptimizer):
         states = [self.state[param] for param in params]
         for state, param in zip(states, params):
             self._init_state(state, param, group)
-            for key in ('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'):
-                # A parameter may have changed layout since its moments were
-                # made (model.to(memory_format=...)).
-                if key in state and state[key].stride() != param.stride():
-                    state[key] = self._like(param, state[key])
+            # A parameter may have changed layout since its moments were
+            # made (model.to(memory_format=...)); they are made together.
+            if state['exp_avg'].stride() != param.stride():
+                for key in ('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'):
+                    if key in state:
+                        state[key] = self._like(param, state[key])
         # The state keeps the step count as a Python int, as the plain path
         # does (so a checkpoint is the same from either path); torch's Adam
         # reads it from, and adds 1 to, one tensor per parameter.
