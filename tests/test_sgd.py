@@ -39,8 +39,10 @@ DAMPENED = HYPER_PARAMS['sgd'][3]
 
 
 def path_id(path):
+    """The id in PATHS of a path's options."""
     return {(): 'default', ('foreach', 'fused'): 'plain',
-            ('foreach', ): 'foreach', ('fused', ): 'fused'}[tuple(sorted(path))]
+            ('foreach', ): 'foreach',
+            ('fused', ): 'fused'}[tuple(sorted(path))]
 
 
 @pytest.fixture
@@ -496,7 +498,7 @@ def _fail_on_second_call(function):
 
 
 @pytest.mark.parametrize('path', PATHS[1:])
-def test_a_step_that_fails_midway_names_the_path_and_leaves_no_unwritten_buffer(  # noqa: E501
+def test_failed_step_names_its_path_and_leaves_no_unwritten_buffer(
         path, monkeypatch):
     """The step fails after the first tensor moved (the kernel's second
     call, or the second GC of the Python paths): the error names the path;
