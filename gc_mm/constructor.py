@@ -42,7 +42,8 @@ The choice reaches the appliers as param-group keys:
   own per-group option; a GC optimizer with ``gc_mode=None`` is left off.
 - ``gc_out_dim``: 1 for transposed-conv weights with ``'output'`` (absent:
   0), and ``gc_groups``: their ``groups`` when above 1 (absent: 1). Both go
-  to :func:`~gc_mm.centralize.centralize_` as ``out_dim`` and ``groups``.
+  to :func:`~gc_mm.centralize.centralize_` as ``out_dim`` and ``groups``,
+  from the wrappers and from the GC optimizers.
 
 Param groups with identical settings are merged, so the optimizer sees a few
 groups rather than one per tensor.
@@ -174,15 +175,6 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 if (group['gc_mode'] is not None
                         and 'wrapper_gc_mode' in group):
                     group['gc_mode'] = group['wrapper_gc_mode']
-                # The GC optimizers do not read gc_out_dim yet: refuse
-                # rather than centralize per input channel in silence.
-                if (group['gc_mode'] is not None
-                        and group.get('gc_out_dim', 0) != 0):
-                    raise NotImplementedError(
-                        f'{type(optimizer).__name__} centralizes transposed '
-                        "convs per input channel only; for paramwise_cfg.gc."
-                        "transposed_conv='output' set gc_mode=None on it and "
-                        "wrap it in optim_wrapper type='GCOptimWrapper'.")
         self._log_gc(optim_wrapper, module)
         return optim_wrapper
 

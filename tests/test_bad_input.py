@@ -107,3 +107,11 @@ def test_non_finite_gradient_does_not_crash(name):
     opt.step()
     assert torch.isfinite(w[0]).all() and torch.isfinite(w[2]).all()
     assert not torch.isfinite(w[1]).all()
+
+
+def test_bad_transposed_conv_layout_keys_are_refused_when_built():
+    weight = torch.zeros(6, 4, 2, 2, requires_grad=True)
+    with pytest.raises(ValueError, match='out_dim must be 0 or 1'):
+        gc_mm.SGD_GC([dict(params=[weight], gc_out_dim=2)])
+    with pytest.raises(ValueError, match='groups=4 does not divide'):
+        gc_mm.Adam_GC([dict(params=[weight], gc_out_dim=1, gc_groups=4)])

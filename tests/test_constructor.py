@@ -346,15 +346,66 @@ def test_transposed_conv_skipped_by_a_gc_optimizer():
                                0.1 * grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize('rule', ['output', 'Output', 'none'])
-def test_bad_or_unsupported_transposed_conv_rule(rule):
-    # A GC optimizer centralizes over dim 0 only (for now): 'output' with
-    # one applying GC is refused rather than silently done per input.
-    match = ('SGD_GC' if rule == 'output' else
-             'paramwise_cfg.gc.transposed_conv')
-    with pytest.raises((ValueError, NotImplementedError), match=match):
+@pytest.mark.parametrize('rule', ['Output', 'none'])
+def test_bad_transposed_conv_rule(rule):
+    with pytest.raises(ValueError, match='paramwise_cfg.gc.transposed_conv'):
         build_optim_wrapper(
             mask_head(),
             dict(constructor='GCOptimWrapperConstructor',
                  optimizer=dict(type='SGD_GC', lr=0.1),
                  paramwise_cfg=dict(gc=dict(transposed_conv=rule))))
+
+
+def _step_mask_head(optim_wrapper_cfg, rule):
+    """One step of a fresh mask head under ``optim_wrapper_cfg``; its
+    parameters after the step."""
+    head = mask_head()
+    wrapper = build_optim_wrapper(
+        head,
+        dict(optim_wrapper_cfg, constructor='GCOptimWrapperConstructor',
+             paramwise_cfg=dict(gc=dict(transposed_conv=rule))))
+    mask_loss(head).backward()
+    wrapper.step()
+    return {name: p.detach().clone() for name, p in head.named_parameters()}
+
+
+# GC of the gradient: the optimizer's GC equals the same optimizer without
+# GC behind GCOptimWrapper (weight decay 0, so GC sees the gradient alone).
+@pytest.mark.parametrize('optimizer', [
+    dict(type='SGD_GC', lr=0.1, momentum=0.9),
+    dict(type='SGD_GC', lr=0.1, momentum=0.9, foreach=True),
+    dict(type='SGD_GC', lr=0.1, momentum=0.9, fused=False),
+    dict(type='SGD_GC', lr=0.1, momentum=0.9, fused=True),
+    dict(type='Adam_GC', lr=0.1),
+    dict(type='AdamW_GC', lr=0.1),
+    dict(type='Adagrad_GC', lr=0.1),
+], ids=lambda cfg: '-'.join(f'{k}={v}' for k, v in cfg.items()))
+@pytest.mark.parametrize('rule', ['output', 'input'])
+def test_gc_optimizers_apply_the_transposed_conv_rule(optimizer, rule):
+    by_optimizer = _step_mask_head(dict(optimizer=optimizer), rule)
+    by_wrapper = _step_mask_head(
+        dict(type='GCOptimWrapper', optimizer=dict(optimizer, gc_mode=None)),
+        rule)
+    for name, weight in by_optimizer.items():
+        torch.testing.assert_close(weight, by_wrapper[name], rtol=1e-9,
+                                   atol=1e-12, msg=name)
+    other = _step_mask_head(dict(optimizer=optimizer),
+                            'input' if rule == 'output' else 'output')
+    assert not torch.allclose(by_optimizer['upsample.weight'],
+                              other['upsample.weight'])
+
+
+@pytest.mark.parametrize('name', ['Adam_GC2', 'AdamW_GC2'])
+def test_update_centralizing_optimizers_apply_the_output_rule(name):
+    # The "2" variants centralize the update: each output channel's weights
+    # keep their mean.
+    before = mask_head().upsample.weight.detach()
+    after = _step_mask_head(dict(optimizer=dict(type=name, lr=0.1,
+                                                weight_decay=0.1)),
+                            'output')['upsample.weight']
+    delta = after - before
+    assert delta.abs().max() > 1e-3
+    torch.testing.assert_close(delta.mean(dim=(0, 2, 3)),
+                               torch.zeros(delta.shape[1],
+                                           dtype=delta.dtype),
+                               rtol=0, atol=1e-12)

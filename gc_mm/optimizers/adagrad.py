@@ -20,8 +20,8 @@ import torch
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
-from ..centralize import centralize_
-from .base import CLASS_RULE, GCOptimizer, check_non_negative
+from .base import (CLASS_RULE, GCOptimizer, centralize_group_,
+                   check_non_negative)
 
 
 class _AdagradBase(GCOptimizer):
@@ -71,8 +71,7 @@ class _AdagradBase(GCOptimizer):
         # step): p.grad of a float32/float64 parameter then holds g'.
         if group['weight_decay']:
             grad.add_(param, alpha=group['weight_decay'])
-        if group['gc_mode'] is not None:
-            centralize_([grad], conv_only=group['gc_mode'] == 'conv')
+        centralize_group_([grad], group)
         clr = group['lr'] / (1 + (state['step'] - 1) * group['lr_decay'])
         state['sum'].addcmul_(grad, grad, value=1)
         std = state['sum'].sqrt().add_(group['eps'])

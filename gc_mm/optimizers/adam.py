@@ -43,8 +43,9 @@ from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 from torch.optim.adam import adam
 
-from ..centralize import centralize_, is_centralized
-from .base import CLASS_RULE, GCOptimizer, check_betas, check_non_negative
+from ..centralize import is_centralized
+from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
+                   check_non_negative)
 
 # Devices where Adam_GC hands the update to torch's fused Adam (one kernel
 # per tensor for moments and update).
@@ -131,8 +132,7 @@ class _AdamBase(GCOptimizer):
         # add a pass over fresh memory to the step. README says so.
         if group['weight_decay']:
             torch._foreach_add_(grads, params, alpha=group['weight_decay'])
-        if group['gc_mode'] is not None:
-            centralize_(grads, conv_only=group['gc_mode'] == 'conv')
+        centralize_group_(grads, group)
         states = [self.state[param] for param in params]
         for state, param in zip(states, params):
             self._init_state(state, param, group)
@@ -175,8 +175,7 @@ class _AdamBase(GCOptimizer):
         lr, eps, weight_decay = group['lr'], group['eps'], group[
             'weight_decay']
         beta1, beta2 = group['betas']
-        gc_mode = group['gc_mode']
-        centralized = is_centralized(param, gc_mode)
+        centralized = is_centralized(param, group['gc_mode'])
         self._init_state(state, param, group)
         state['step'] += 1
         bias_correction1 = 1 - beta1**state['step']
@@ -191,7 +190,7 @@ class _AdamBase(GCOptimizer):
                     if self.centralize_update else grad.add_(
                         param, alpha=weight_decay))
         if centralized and not self.centralize_update:
-            centralize_([grad], conv_only=gc_mode == 'conv')
+            centralize_group_([grad], group)
         exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -217,7 +216,7 @@ class _AdamBase(GCOptimizer):
             param.addcdiv_(exp_avg, denom, value=-step_size)
             return
         if on_update:
-            centralize_([update], conv_only=gc_mode == 'conv')
+            centralize_group_([update], group)
         param.add_(update, alpha=-step_size)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..centralize import check_gc_mode
+from ..centralize import centralize_, check_gc_mode, check_output_layout
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # The dtypes every path can update. GC and the update rules are written for
@@ -46,6 +46,22 @@ def check_betas(group: dict) -> None:
         raise ValueError(f'betas must be two numbers in [0, 1), got {betas!r}')
 
 
+def group_layout(group: dict) -> dict:
+    """centralize_'s ``out_dim`` and ``groups`` for a param group: the
+    transposed-conv layout GCOptimWrapperConstructor records in
+    ``gc_out_dim``/``gc_groups`` (absent: rows along dim 0)."""
+    return dict(out_dim=group.get('gc_out_dim', 0),
+                groups=group.get('gc_groups', 1))
+
+
+def centralize_group_(tensors: List[Tensor], group: dict) -> None:
+    """Centralize ``tensors`` in place as a param group's GC says: its
+    ``gc_mode`` and its :func:`group_layout`."""
+    if group['gc_mode'] is not None:
+        centralize_(tensors, conv_only=group['gc_mode'] == 'conv',
+                    **group_layout(group))
+
+
 class GCOptimizer(Optimizer):
     """Base class of the GC optimizers.
 
@@ -75,6 +91,10 @@ class GCOptimizer(Optimizer):
         """Every check of a group's options (defaults filled in)."""
         self._check_group(group)
         check_gc_mode(group['gc_mode'])
+        params = group.get('params', [])
+        params = [params] if torch.is_tensor(params) else list(params)
+        check_output_layout([p for p in params if p.ndim > 1],
+                            **group_layout(group))
 
     def add_param_group(self, param_group: dict) -> None:
         # Check the group as it will be used (defaults filled in) before it
@@ -147,7 +167,7 @@ class GCOptimizer(Optimizer):
 
     def _loaded_group(self, saved: dict, group: dict) -> dict:
         """A checkpoint's group as it will be used once loaded."""
-        loaded = {**self.defaults, **saved}
+        loaded = {**self.defaults, **saved, 'params': group['params']}
         loaded.update({key: group[key] for key in self.path_options})
         return loaded
 

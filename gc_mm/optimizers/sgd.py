@@ -45,7 +45,8 @@ from torch import Tensor
 
 from .. import kernels
 from ..centralize import centralize_, is_centralized
-from .base import CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative
+from .base import (CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative,
+                   group_layout)
 
 # What each path is called in errors and in docs/benchmark.md.
 PATH_NAMES = {
@@ -140,9 +141,11 @@ def _single_tensor_sgd_gc(params: List[Tensor], grads: List[Tensor],
                           gc_mode: Optional[str], lr: float,
                           weight_decay: float, momentum: float,
                           dampening: float, nesterov: bool,
-                          decoupled_weight_decay: bool) -> None:
+                          decoupled_weight_decay: bool, out_dim: int = 0,
+                          groups: int = 1) -> None:
     """The plain path: one tensor at a time, in the authors' order; any
-    dtype, layout and size. The direction ``d`` is computed in place in the
+    dtype, layout and size; ``out_dim`` and ``groups`` go to
+    :func:`centralize_` (transposed convs per output unit). The direction ``d`` is computed in place in the
     gradient, as in the authors' code: a new tensor per gradient costs the
     step a fresh allocation (page faults) per tensor, which made this path
     measurably slower (docs/benchmark.md). Half-precision tensors are
@@ -156,7 +159,7 @@ def _single_tensor_sgd_gc(params: List[Tensor], grads: List[Tensor],
         if coupled_decay:
             direction.add_(work, alpha=weight_decay)
         if is_centralized(param, gc_mode):
-            centralize_([direction])
+            centralize_([direction], out_dim=out_dim, groups=groups)
         buf = momentum_buffers[i:i + 1]
         if momentum:
             (direction, ) = _momentum([work], [direction], buf, momentum,
@@ -408,8 +411,13 @@ class _SGDBase(GCOptimizer):
         momentum = group['momentum']
         # Routed once per group and device kind, then per tensor only where
         # the fast paths cannot take it.
-        by_device = {on_cpu: self.path(group, on_cpu)
-                     for on_cpu in (True, False)}
+        # The kernel and the multi-tensor path centralize rows along dim 0;
+        # a transposed conv's output units (GCOptimWrapperConstructor's
+        # transposed_conv='output') take the plain path.
+        layout = group_layout(group)
+        rows_along_dim0 = layout == dict(out_dim=0, groups=1)
+        by_device = {on_cpu: self.path(group, on_cpu) if rows_along_dim0
+                     else 'plain' for on_cpu in (True, False)}
         routed = {path: ([], [], []) for path in _PATHS}
         for param in params:
             buf = None
@@ -436,7 +444,8 @@ class _SGDBase(GCOptimizer):
             if not path_params:
                 continue
             try:
-                _PATHS[path](path_params, grads, bufs, **options)
+                _PATHS[path](path_params, grads, bufs, **options,
+                             **(layout if path == 'plain' else {}))
             except Exception as error:
                 raise RuntimeError(f'{type(self).__name__} {PATH_NAMES[path]} '
                                    f'path: {error}') from error
