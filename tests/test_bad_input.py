@@ -1,7 +1,4 @@
 """Bad optimizer input is refused early, with the culprit named."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
