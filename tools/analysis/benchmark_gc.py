@@ -26,6 +26,10 @@ from mmengine.config import Config
 
 import gc_mm
 from gc_mm import GCOptimWrapper, kernels
+from gc_mm.compat import silence_pkg_resources_warning
+
+# Before Config.fromfile, whose mmengine imports pkg_resources.
+silence_pkg_resources_warning()
 
 
 def trainable_shapes(config: str):
