@@ -2,14 +2,14 @@
 
 Importing gc_mm registers its optimizers (OPTIMIZERS), optim wrappers
 (OPTIM_WRAPPERS), optim-wrapper constructor (OPTIM_WRAPPER_CONSTRUCTORS)
-and RandomStateHook (HOOKS) in MMEngine's root registries, and applies this stack's fixes
-(:mod:`gc_mm.compat`). Configs load it with
-``custom_imports = dict(imports=['gc_mm'], allow_failed_imports=False)``.
+and hooks (HOOKS: RandomStateHook, GradStatsHook, ...) in MMEngine's root
+registries, and applies this stack's fixes (:mod:`gc_mm.compat`). Configs
+load it with ``custom_imports = dict(imports=['gc_mm'], allow_failed_imports=False)``.
 """
 from . import compat
 from .centralize import centralize_, check_gc_mode, is_centralized
 from .constructor import GCOptimWrapperConstructor
-from .hooks import RandomStateHook
+from .hooks import GradStatsHook, RandomStateHook
 from .optim_wrapper import AmpGCOptimWrapper, GCOptimWrapper
 from .optimizers import *  # noqa: F401,F403
 from .version import __version__
@@ -19,6 +19,6 @@ compat.apply()
 __all__ = [
     'centralize_', 'check_gc_mode', 'is_centralized',
     'GCOptimWrapperConstructor', 'GCOptimWrapper', 'AmpGCOptimWrapper',
-    'RandomStateHook',
+    'RandomStateHook', 'GradStatsHook',
     '__version__'
 ]
