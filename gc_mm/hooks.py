@@ -160,8 +160,9 @@ def _row_means(grad: Tensor, out_dim: int, groups: int) -> Tensor:
     them."""
     if out_dim == 1:
         blocks = grad.unflatten(0, (groups, -1))
-        return blocks.mean(dim=(1, *range(3, blocks.ndim)))
-    return grad.reshape(grad.shape[0], -1).mean(dim=1)
+        return blocks.mean(dim=(1, *range(3, blocks.ndim)),
+                           dtype=torch.float64)
+    return grad.reshape(grad.shape[0], -1).mean(dim=1, dtype=torch.float64)
 
 
 @HOOKS.register_module()
@@ -213,8 +214,6 @@ class GradStatsHook(Hook):
     """
 
     priority = 'NORMAL'
-    STATS = ('norm_before', 'norm_after', 'removed', 'max_abs',
-             'row_mean_after')
 
     def __init__(self, interval: int = 50, layers: Optional[list] = None):
         if isinstance(interval, bool) or not isinstance(
@@ -241,7 +240,6 @@ class GradStatsHook(Hook):
         self._stats = None
 
     def before_train(self, runner) -> None:
-        self._runner = runner
         self._wrapper = runner.optim_wrapper
         if not isinstance(self._wrapper, OptimWrapper):
             raise TypeError(
@@ -261,10 +259,14 @@ class GradStatsHook(Hook):
                         for group, mode in zip(groups, modes)
                         for p in group['params'] if p.requires_grad]
         self._selected = self._select()
-        # A GC wrapper centralizes inside its step, before the optimizer's:
-        # its gradients are tapped where it centralizes (after unscaling and
-        # clipping). Everything else (GC optimizers, baselines, mmengine's
-        # wrappers) is tapped by a step pre-hook of the torch optimizer:
+        # OptimWrapper.update_params runs backward, step and zero_grad in one
+        # call, so no runner hook sees the gradients; they are tapped inside
+        # the step. A GC wrapper centralizes before calling the optimizer's
+        # step (a step pre-hook would see centralized gradients): it is
+        # tapped where it centralizes, after unscaling and clipping, by an
+        # instance attribute over its _centralize. Everything else (GC
+        # optimizers, baselines, mmengine's wrappers) is tapped by a step
+        # pre-hook of the torch optimizer:
         # OptimWrapper/AmpOptimWrapper call optimizer.step after unscaling
         # and clipping, GradScaler only for a finite update, a GC optimizer
         # centralizes inside it, and zero_grad comes after it.
@@ -333,24 +335,38 @@ class GradStatsHook(Hook):
     @torch.no_grad()
     def _measure(self) -> None:
         selected = {id(e[1]) for e in self._selected}
+        grads = [(name, param, param.grad.detach(), group, gc_mode)
+                 for name, param, group, gc_mode in self._params
+                 if param.grad is not None and not param.grad.is_sparse
+                 and param.grad.numel() > 0]
+        # GC runs on copies in one float32 buffer per device, allocated
+        # once per record rather than once per tensor.
+        sizes = {}
+        for _, _, grad, _, gc_mode in grads:
+            if is_centralized(grad, gc_mode):
+                sizes[grad.device] = max(sizes.get(grad.device, 0),
+                                         grad.numel())
+        buffers = {
+            device: torch.empty(size, dtype=torch.float32, device=device)
+            for device, size in sizes.items()
+        }
         stats = {}
-        total_before = total_after = None
-        max_abs = None
-        for name, param, group, gc_mode in self._params:
-            grad = param.grad
-            if grad is None or grad.is_sparse or grad.numel() == 0:
-                continue
-            grad = grad.detach()
+        total_before = total_after = max_abs = None
+        for name, param, grad, group, gc_mode in grads:
             out_dim = group.get('gc_out_dim', 0)
             groups = group.get('gc_groups', 1)
             after = grad
             if is_centralized(grad, gc_mode):
-                after = grad.to(torch.float32, copy=True)
+                after = buffers[grad.device][:grad.numel()].view(grad.shape)
+                after.copy_(grad)
                 centralize_([after], conv_only=gc_mode == 'conv',
                             out_dim=out_dim, groups=groups)
-            norm_before = torch.linalg.vector_norm(grad, dtype=torch.float64)
-            norm_after = torch.linalg.vector_norm(after, dtype=torch.float64)
-            layer_max = grad.abs().max().double()
+            norm_before = torch.linalg.vector_norm(
+                grad, dtype=torch.float32).double()
+            norm_after = torch.linalg.vector_norm(
+                after, dtype=torch.float32).double()
+            layer_max = torch.linalg.vector_norm(
+                grad, ord=float('inf'), dtype=torch.float32).double()
             total_before = (norm_before**2 if total_before is None else
                             total_before + norm_before**2)
             total_after = (norm_after**2 if total_after is None else
@@ -360,12 +376,13 @@ class GradStatsHook(Hook):
             if id(param) in selected:
                 stats[name] = [
                     norm_before, norm_after, layer_max,
-                    _row_means(after.double(), out_dim,
-                               groups).abs().max()
+                    _row_means(after, out_dim, groups).abs().max()
                 ]
         if total_before is not None:
             stats['model'] = [total_before.sqrt(), total_after.sqrt(),
                               max_abs]
+        if not stats:
+            return  # no gradient at all: stay armed for the next update
         # One transfer for every number (a single device sync).
         flat = torch.stack([v for values in stats.values() for v in values])
         flat = flat.cpu().tolist()

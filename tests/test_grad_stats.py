@@ -2,10 +2,13 @@
 its numbers against a hand computation on the same gradients."""
 import glob
 import json
+import os
 import os.path as osp
+import pathlib
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
@@ -72,7 +75,7 @@ class Tiny(BaseModel):
         return log_vars
 
 
-def train(tmp_path, optim_wrapper, hook, max_iters=4):
+def train(tmp_path, optim_wrapper, hook, max_iters=4, launcher='none'):
     model = Tiny()
     runner = Runner(
         model=model, work_dir=str(tmp_path),
@@ -88,10 +91,12 @@ def train(tmp_path, optim_wrapper, hook, max_iters=4):
         custom_hooks=[hook],
         default_hooks=dict(logger=dict(type='LoggerHook', interval=1),
                            checkpoint=None),
-        randomness=dict(seed=0))
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        randomness=dict(seed=0), launcher=launcher,
+        # On CPU DDP takes no device_ids (as gc_mm.compat sets for tools).
+        cfg=dict(model_wrapper_cfg=dict(type='MMDistributedDataParallel',
+                                        device_ids=None)))
     runner.train()
-    return runner, model, start
+    return runner, model
 
 
 def recorded(work_dir):
@@ -164,9 +169,8 @@ LAYERS = [r'^conv\.weight$', r'^fc\.weight$']
 def test_stats_match_a_hand_computation(tmp_path, optim_wrapper, mode):
     """Every second iteration, on the clipped gradients of that update, in
     the mode that applies (a baseline: what 'conv_fc' would remove); the
-    real gradients are left as they are (the first update is plain SGD on
-    the clipped gradients, GC'd only where GC applies)."""
-    runner, model, start = train(
+    real gradients are left as they are."""
+    runner, model = train(
         tmp_path, optim_wrapper, dict(type='GradStatsHook', interval=2,
                                       layers=LAYERS))
     got = recorded(tmp_path)
@@ -182,18 +186,19 @@ def test_stats_match_a_hand_computation(tmp_path, optim_wrapper, mode):
     else:  # fc weights are not centralized
         assert got[2]['grad_stats/fc.weight/removed'] == 0
         assert got[2]['grad_stats/fc.weight/row_mean_after'] > 1e-3
-    # Update 1 moved the weights by the clipped gradients, centralized only
-    # where GC applies and only once: the hook changed no gradient.
+    # The recorded update of iteration 2 moved the weights by the clipped
+    # gradients, centralized only where GC applies and only once: the hook
+    # changed no gradient.
     applied = (optim_wrapper['type'] == 'GCOptimWrapper'
                or optim_wrapper['optimizer']['type'] != 'SGD')
-    _, clipped = expected(updates[1], mode)
+    _, clipped = expected(updates[2], mode)
     for name, g in clipped.items():
         if applied and g.ndim > (3 if mode == 'conv' else 1):
             rows = g.reshape(g.shape[0], -1)
             g = (rows - rows.mean(1, keepdim=True)).reshape(g.shape)
         torch.testing.assert_close(
-            model.weights[0][name].double(),
-            start[name].double() - LR * g, rtol=1e-5, atol=1e-7)
+            model.weights[1][name].double(),
+            model.weights[0][name].double() - LR * g, rtol=1e-5, atol=1e-7)
     hooks = [h for h in runner.hooks if isinstance(h, GradStatsHook)]
     assert len(hooks) == 1
     # Off between records: nothing left registered on the optimizer or
@@ -205,7 +210,7 @@ def test_stats_match_a_hand_computation(tmp_path, optim_wrapper, mode):
 def test_amp_stats_are_of_the_unscaled_gradients(tmp_path):
     """AmpGCOptimWrapper (CPU bfloat16, loss scale 1024): the statistics are
     of the unscaled, clipped gradients, as the optimizer uses them."""
-    runner, model, _ = train(
+    _, model = train(
         tmp_path, dict(type='AmpGCOptimWrapper', optimizer=SGD,
                        clip_grad=CLIP, loss_scale=1024.),
         dict(type='GradStatsHook', interval=2, layers=LAYERS))
@@ -221,7 +226,7 @@ def test_amp_stats_are_of_the_unscaled_gradients(tmp_path):
 def test_gradient_accumulation_records_at_real_updates(tmp_path):
     """accumulative_counts=3, interval=2: armed at iterations 2 and 4, taken
     at the updates of iterations 3 and 6, on the accumulated gradients."""
-    runner, model, _ = train(
+    runner, model = train(
         tmp_path, dict(type='GCOptimWrapper', optimizer=SGD, clip_grad=CLIP,
                        accumulative_counts=3),
         dict(type='GradStatsHook', interval=2, layers=LAYERS), max_iters=6)
@@ -282,3 +287,42 @@ def test_demo_run_writes_the_statistics_to_scalars_json(tmp_path):
         if layer != 'model':
             assert abs(stats[f'grad_stats/{layer}/row_mean_after']) < 1e-6
     assert 'grad_stats iter 2 (GC): ' in proc.stdout
+
+
+def _train_on_rank(rank, folder):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2')
+    torch.distributed.init_process_group(
+        'gloo', init_method=f'file://{folder}/rendezvous', rank=rank,
+        world_size=2)
+    runner, _ = train(
+        pathlib.Path(folder) / 'work',
+        dict(type='GCOptimWrapper', optimizer=SGD, clip_grad=CLIP),
+        dict(type='GradStatsHook', interval=1, layers=LAYERS), max_iters=1,
+        launcher='pytorch')
+    torch.save(dict(
+        wrapped=type(runner.model).__name__,
+        keys=[k for k in runner.message_hub.log_scalars
+              if k.startswith('grad_stats/')]), f'{folder}/rank{rank}.pth')
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_rank0_records_the_all_reduced_gradients(tmp_path):
+    """Two gloo processes: rank 0 records the statistics of the averaged
+    gradients (samples 0, 2 on rank 0 and 1, 3 on rank 1); rank 1 does
+    nothing."""
+    (tmp_path / 'work').mkdir()
+    mp.spawn(_train_on_rank, args=(str(tmp_path), ), nprocs=2)
+    ranks = [torch.load(tmp_path / f'rank{r}.pth', weights_only=True)
+             for r in (0, 1)]
+    assert ranks[0]['wrapped'] == 'MMDistributedDataParallel'
+    assert ranks[0]['keys'] and not ranks[1]['keys']
+    model, data = Tiny(), Pairs()
+    grads = []
+    for indices in ([0, 2], [1, 3]):
+        model.zero_grad()
+        model(data.inputs[indices], data.targets[indices])['loss'].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    mean = {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
+    got = recorded(tmp_path / 'work')
+    assert sorted(got) == [1]
+    check(got[1], expected(mean, 'conv_fc')[0])
