@@ -91,5 +91,5 @@ setup(
         'pycocotools',
         'setuptools<82',  # pkg_resources, for mmengine's mmdet:: configs
     ],
-    extras_require={'tests': ['pytest']},
+    extras_require={'tests': ['pytest', 'tensorboard']},
 )

@@ -75,7 +75,8 @@ class Tiny(BaseModel):
         return log_vars
 
 
-def train(tmp_path, optim_wrapper, hook, max_iters=4, launcher='none'):
+def train(tmp_path, optim_wrapper, hook, max_iters=4, launcher='none',
+          visualizer=None):
     model = Tiny()
     runner = Runner(
         model=model, work_dir=str(tmp_path),
@@ -91,7 +92,7 @@ def train(tmp_path, optim_wrapper, hook, max_iters=4, launcher='none'):
         custom_hooks=[hook],
         default_hooks=dict(logger=dict(type='LoggerHook', interval=1),
                            checkpoint=None),
-        randomness=dict(seed=0), launcher=launcher,
+        randomness=dict(seed=0), launcher=launcher, visualizer=visualizer,
         # On CPU DDP takes no device_ids (as gc_mm.compat sets for tools).
         cfg=dict(model_wrapper_cfg=dict(type='MMDistributedDataParallel',
                                         device_ids=None)))
@@ -205,6 +206,32 @@ def test_stats_match_a_hand_computation(tmp_path, optim_wrapper, mode):
     # the wrapper.
     assert not runner.optim_wrapper.optimizer._optimizer_step_pre_hooks
     assert '_centralize' not in vars(runner.optim_wrapper)
+
+
+def test_tensorboard_backend_gets_the_statistics(tmp_path):
+    """With TensorboardVisBackend configured, the event file holds the same
+    values as scalars.json, at the same steps."""
+    from tensorboard.backend.event_processing.event_accumulator import \
+        EventAccumulator
+    train(tmp_path,
+          dict(type='OptimWrapper', optimizer=dict(SGD, type='SGD_GC')),
+          dict(type='GradStatsHook', interval=2, layers=LAYERS),
+          visualizer=dict(type='Visualizer', name=tmp_path.name,
+                          vis_backends=[dict(type='LocalVisBackend'),
+                                        dict(type='TensorboardVisBackend')]))
+    local = recorded(tmp_path)
+    [events] = glob.glob(osp.join(tmp_path, '*', 'vis_data',
+                                  'events.out.tfevents.*'))
+    board = EventAccumulator(events)
+    board.Reload()
+    tags = [t for t in board.Tags()['scalars'] if t.startswith('grad_stats/')]
+    assert sorted(tags) == sorted(local[2])
+    for tag in tags:
+        got = {e.step: e.value for e in board.Scalars(tag)}
+        assert sorted(got) == [2, 4]
+        for step, value in got.items():
+            assert value == pytest.approx(local[step][tag], rel=1e-6,
+                                          abs=1e-12), tag
 
 
 def test_amp_stats_are_of_the_unscaled_gradients(tmp_path):

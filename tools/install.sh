@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv/ with gc_mm and its stack (torch 2.13 CPU, mmengine, mmcv
-# 2.1.0 built with its ops, mmdet 3.3, pycocotools, pytest).
+# 2.1.0 built with its ops, mmdet 3.3, pycocotools, tensorboard, pytest).
 # The first run builds mmcv (about 20 minutes on 2 cores; pip caches the
 # wheel) and gc_mm's kernel (about 90 s); later runs take seconds.
 set -euo pipefail
@@ -9,7 +9,9 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip() { .venv/bin/python -m pip "$@"; }
 
-pip install -q "setuptools>=77,<82" wheel ninja torch==2.13.0 numpy mmengine
+# tensorboard: for MMEngine's TensorboardVisBackend (and its test).
+pip install -q "setuptools>=77,<82" wheel ninja torch==2.13.0 numpy mmengine \
+    tensorboard
 if ! .venv/bin/python -c 'import mmcv.ops' 2>/dev/null; then
     echo "Installing mmcv 2.1.0 with its ops (a fresh machine builds it once, ~20 min)..."
     # Without --no-build-isolation the build silently yields no ops.
