@@ -112,6 +112,14 @@ def run_reference(name, hp, weights, grads, **kwargs):
     return weights
 
 
+def assert_params_match_reference(params, name, hp, weights, grads):
+    """float64 parameters after the steps equal the reference's, to 1e-12."""
+    want = run_reference(name, hp, weights, grads)
+    for p, w, shape in zip(params, want, SHAPES):
+        np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12,
+                                   atol=1e-12, err_msg=shape)
+
+
 def test_every_registered_gc_optimizer_is_tested():
     """The tests parametrized over ALL_NAMES cover the whole registry."""
     registered = {
@@ -473,10 +481,7 @@ def test_step_uses_the_gradients_its_closure_computes(name, path,
             p.grad = torch.full_like(p, 100.)
         loss = opt.step(closure)
         assert loss.requires_grad
-    want = run_reference(name, hp, weights, grads)
-    for p, w, shape in zip(params, want, SHAPES):
-        np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12,
-                                   atol=1e-12, err_msg=shape)
+    assert_params_match_reference(params, name, hp, weights, grads)
 
 
 @pytest.mark.parametrize('name,path', all_paths())
@@ -499,10 +504,7 @@ def test_parameters_and_gradients_in_any_layout_match_reference(
         for p, g in zip(params, step_grads):
             p.grad = laid_out(g, F64, grad_layout)
         opt.step()
-    want = run_reference(name, hp, weights, grads)
-    for p, w, shape in zip(params, want, SHAPES):
-        np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12,
-                                   atol=1e-12, err_msg=shape)
+    assert_params_match_reference(params, name, hp, weights, grads)
 
 
 @pytest.mark.parametrize('name,path', all_paths())
@@ -522,10 +524,7 @@ def test_parameters_may_change_layout_between_steps(name, path, monkeypatch):
             p.grad = laid_out(g, F64, 'channels_last' if step >= 3 else
                               'contiguous')
         opt.step()
-    want = run_reference(name, hp, weights, grads)
-    for p, w, shape in zip(params, want, SHAPES):
-        np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12,
-                                   atol=1e-12, err_msg=shape)
+    assert_params_match_reference(params, name, hp, weights, grads)
 
 
 @pytest.mark.parametrize('name,path', all_paths())

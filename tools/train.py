@@ -121,9 +121,10 @@ def build_config(args) -> Config:
         cfg.load_from = args.resume
     # The file is checked before the run without loading it; what it holds
     # is checked on the runner's one load.
-    if checkpoint_path(cfg):
+    checkpoint = checkpoint_path(cfg)
+    if checkpoint:
         cfg.custom_hooks.append(
-            dict(type='CheckpointCheckHook', checkpoint=checkpoint_path(cfg)))
+            dict(type='CheckpointCheckHook', checkpoint=checkpoint))
     return cfg
 
 
