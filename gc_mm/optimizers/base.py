@@ -173,18 +173,23 @@ class GCOptimizer(Optimizer):
 
     @staticmethod
     def _like(param: Tensor, value: Tensor) -> Tensor:
-        """``value`` (a loaded state tensor) on ``param``'s device, in its
-        layout and dtype (float32 for a half-precision parameter, so a
-        resume is exact)."""
+        """``value`` (a loaded state tensor, or one made before ``param``
+        changed layout) on ``param``'s device, in its layout and dtype
+        (float32 for a half-precision parameter, so a resume is exact);
+        ``value`` itself where it already is."""
         dtype = torch.float32 if param.dtype in HALF_DTYPES else param.dtype
         if value.shape != param.shape:  # not one entry per weight: as torch
             return value.to(device=param.device, dtype=dtype)
-        if (value.dtype == dtype and value.device == param.device
-                and value.stride() == param.stride()):
+        same_kind = value.dtype == dtype and value.device == param.device
+        if same_kind and value.stride() == param.stride():
             return value
         # empty_like keeps a dense parameter's strides (channels_last or
-        # any other order), the layout the fast paths expect of a buffer.
-        return torch.empty_like(param, dtype=dtype).copy_(value)
+        # any other order), the layout the fast paths expect of a buffer; a
+        # parameter that is not dense gets contiguous state.
+        relaid = torch.empty_like(param, dtype=dtype)
+        if same_kind and relaid.stride() == value.stride():
+            return value
+        return relaid.copy_(value)
 
     def _check_param(self, param: Tensor, group: dict, index: int) -> None:
         """Raise if this step cannot update ``param`` (a parameter's dtype

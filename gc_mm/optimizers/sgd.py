@@ -94,18 +94,6 @@ def _fast_path_takes(param: Tensor, grad: Tensor,
         t.permute(order).is_contiguous() for t in tensors)
 
 
-def _laid_out_like(buf: Tensor, param: Tensor) -> Tensor:
-    """``buf``, or a copy of it in ``param``'s memory layout if it has
-    another one (a model converted to channels_last after its optimizer
-    was built)."""
-    if buf.stride() == param.stride():
-        return buf
-    relaid = torch.empty_like(param, dtype=buf.dtype)
-    if relaid.stride() == buf.stride():  # param's layout cannot be copied
-        return buf
-    return relaid.copy_(buf)
-
-
 def _momentum(params: List[Tensor], directions: List[Tensor],
               momentum_buffers: List[Optional[Tensor]], momentum: float,
               dampening: float, nesterov: bool) -> List[Tensor]:
@@ -425,7 +413,7 @@ class _SGDBase(GCOptimizer):
                 state = self.state[param]
                 buf = state.get('momentum_buffer')
                 if buf is not None:
-                    buf = state['momentum_buffer'] = _laid_out_like(buf, param)
+                    buf = state['momentum_buffer'] = self._like(param, buf)
             path = by_device[param.is_cpu]
             if path != 'plain' and not _fast_path_takes(param, param.grad,
                                                         buf):
