@@ -210,9 +210,35 @@ def test_table_puts_the_paper_and_the_zoo_beside_a_paper_config(
     assert paper == [('37.4', '37.9', '38.2'), ('59.0', '59.6', ''),
                      ('40.6', '41.2', ''), ('34.1', '34.7', '34.7'),
                      ('55.5', '56.1', ''), ('36.1', '37.0', '')]
+    # Of the 6 splits of the four runs into two pairs, the observed one
+    # and its mirror are as extreme: p = 2/6. With two runs per arm the
+    # bootstrap's smallest and largest differences, 31.0 - 30.5 and
+    # 32.2 - 30.1, each have probability 1/16 > 2.5%: they are the bounds.
+    assert float(box['p_permutation']) == pytest.approx(2 / 6)
+    assert (float(box['delta_ci_low']),
+            float(box['delta_ci_high'])) == pytest.approx((0.5, 2.1))
     assert ('| mask_rcnn_r50 | mask_rcnn_r50_gc | box AP | 2/2 | 30.3 ± 0.3 '
-            '| 31.6 ± 0.8 | +1.3 ± 0.6 | 37.4 | 37.9 | +0.5 | 38.2 (1x) |'
-            in stdout)
+            '| 31.6 ± 0.8 | +1.3 ± 0.6 | [+0.5, +2.1] | 0.333 | 37.4 | 37.9 '
+            '| +0.5 | 38.2 (1x) |' in stdout)
+
+
+def test_table_marks_a_run_whose_loss_diverged(runs, tmp_path):
+    """A run whose loss became NaN at its second iteration is still
+    counted (with its metrics) and marked."""
+    _, work = runs
+    nan = copy_run(work[TWIN, 0], tmp_path / 'nan')
+
+    def change(record):
+        if record.get('iter') == 2 and 'loss' in record:
+            record['loss'] = math.nan
+
+    rewrite(nan, change=change)
+    stdout, rows, per_run = table([work[BASE, 0], nan], tmp_path)
+    check_rows(rows, [final_metrics(work[BASE, 0])], [final_metrics(nan)])
+    diverged = {r['work_dir']: r['diverged_at'] for r in per_run}
+    assert diverged == {work[BASE, 0]: '', nan: '2'}
+    assert f'| not finite from iteration 2 | {nan} |' in stdout
+    assert f'| finite | {work[BASE, 0]} |' in stdout
 
 
 def grad_panels(work_dirs):

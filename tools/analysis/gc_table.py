@@ -5,11 +5,15 @@ scalars.json`` and the config dump ``<work_dir>/<config name>.py``), takes
 each run's final (or best) COCO bbox/segm AP, AP50 and AP75, groups the
 runs by config and seed, and prints Markdown: mean ± sample std over seeds
 of a baseline and its GC twin, the GC delta (twin mean minus baseline
-mean, ± its standard error), and for the paper's configs the paper's
+mean, ± its standard error) with a 95% bootstrap interval and the p-value
+of an exact permutation test (is the difference of the means larger than
+splitting the same runs at random into two arms gives?), and for the
+paper's configs the paper's
 Tables 8/9 and MMDetection 3.3's model-zoo baseline beside them. Runs that
 cannot be counted (unfinished: fewer epochs than the config's max_epochs;
 no final validation metrics; no config dump) are listed with the reason,
-never dropped silently.
+never dropped silently. A run whose training loss became NaN or infinite
+is counted (with the AP it ended with) and marked.
 
 Twins are paired by name: a config whose name has a ``gc`` token is the
 twin of the name without it (``mask_rcnn_r50_gc`` of ``mask_rcnn_r50``,
@@ -24,10 +28,12 @@ three decimals, so to 0.1 point).
 import argparse
 import csv
 import glob
+import itertools
 import json
 import math
 import os
 import os.path as osp
+import random
 import re
 import statistics
 import sys
@@ -87,6 +93,10 @@ ZOO = {
 
 TIMESTAMP = re.compile(r'^\d{8}_\d{6}$')
 
+# Seeded, so that a table is the same each time it is printed.
+BOOTSTRAP_SAMPLES = 10000
+PERMUTATION_SAMPLES = 20000  # all splits when there are fewer
+
 
 @dataclass
 class Run:
@@ -107,6 +117,14 @@ class Run:
     def finished(self) -> bool:
         return (self.max_length is not None
                 and self.reached >= self.max_length)
+
+    @property
+    def diverged_at(self) -> Optional[int]:
+        """The first iteration whose logged loss is NaN or infinite."""
+        for record in self.train:
+            if not math.isfinite(record['loss']):
+                return record['iter']
+        return None
 
     @property
     def name(self) -> str:
@@ -278,6 +296,43 @@ def mean_std(values: List[float]):
     return mean, std
 
 
+def bootstrap_interval(a: List[float], b: List[float],
+                       level: float = 0.95):
+    """Percentile bootstrap interval of mean(b) - mean(a): each arm
+    resampled with replacement on its own."""
+    rng = random.Random(0)
+    deltas = sorted(
+        statistics.fmean(rng.choices(b, k=len(b))) -
+        statistics.fmean(rng.choices(a, k=len(a)))
+        for _ in range(BOOTSTRAP_SAMPLES))
+    tail = (1 - level) / 2
+    return (deltas[int(tail * BOOTSTRAP_SAMPLES)],
+            deltas[int((1 - tail) * BOOTSTRAP_SAMPLES) - 1])
+
+
+def permutation_p(a: List[float], b: List[float]) -> float:
+    """Two-sided p-value of the difference of the means: the share of
+    the splits of a + b into arms of len(a) and len(b) whose difference is
+    at least as large in size (every split when there are at most
+    PERMUTATION_SAMPLES, else that many drawn at random)."""
+    pooled, n = a + b, len(a)
+    observed = abs(statistics.fmean(b) - statistics.fmean(a))
+    total = sum(pooled)
+
+    def extreme(indices):
+        taken = sum(pooled[i] for i in indices)
+        delta = (total - taken) / len(b) - taken / n
+        return abs(delta) >= observed - 1e-9
+
+    if math.comb(len(pooled), n) <= PERMUTATION_SAMPLES:
+        splits = list(itertools.combinations(range(len(pooled)), n))
+    else:
+        rng = random.Random(0)
+        splits = [rng.sample(range(len(pooled)), n)
+                  for _ in range(PERMUTATION_SAMPLES)]
+    return sum(map(extreme, splits)) / len(splits)
+
+
 def build_table(runs: List[Run], metric: str = 'final') -> List[dict]:
     """One row per (baseline, twin, metric) with what the table shows."""
     values = {}  # config -> seed -> metrics (the newest run of a seed)
@@ -321,6 +376,11 @@ def build_table(runs: List[Run], metric: str = 'final') -> List[dict]:
             row['delta_se'] = (math.sqrt(
                 row['baseline_std']**2 / len(a) + row['twin_std']**2 / len(b))
                 if len(a) > 1 and len(b) > 1 else math.nan)
+            row['delta_ci_low'], row['delta_ci_high'] = (
+                bootstrap_interval(a, b) if len(a) > 1 and len(b) > 1 else
+                (math.nan, math.nan))
+            row['p_permutation'] = (permutation_p(a, b) if a and b
+                                    and len(a) + len(b) > 2 else math.nan)
             column = ('', '_50', '_75').index(suffix)
             if task in paper:
                 without, with_gc = paper[task]
@@ -350,11 +410,13 @@ def markdown(rows: List[dict], runs: List[Run], metric: str) -> str:
     lines = [
         f'AP in points, {metric} validation of each run; mean ± sample std '
         'over seeds (n = seeds); Δ = GC twin mean - baseline mean '
-        '(± standard error). Paper: Yong et al. 2020, Tables 8/9 (COCO, '
-        'MMDetection v1.1); zoo: MMDetection 3.3 baseline.', '',
+        '(± standard error), its 95% bootstrap interval and the p-value '
+        'of an exact permutation test. Paper: Yong et al. 2020, Tables 8/9 '
+        '(COCO, MMDetection v1.1); zoo: MMDetection 3.3 baseline.', '',
         '| Baseline | GC twin | Metric | n | Baseline | GC twin | Δ GC '
-        '| Paper w/o GC | Paper w/ GC | Paper Δ | Zoo baseline |',
-        '|---|---|---|---|---|---|---|---|---|---|---|'
+        '| 95% CI of Δ | p | Paper w/o GC | Paper w/ GC | Paper Δ '
+        '| Zoo baseline |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|'
     ]
     for row in rows:
         delta = _number(row['delta'])
@@ -366,21 +428,25 @@ def markdown(rows: List[dict], runs: List[Run], metric: str) -> str:
         if row.get('zoo_schedule'):
             zoo += f' ({row["zoo_schedule"]})'
         paper_delta = row.get('paper_delta')
+        interval = ('-' if math.isnan(row['delta_ci_low']) else
+                    f'[{row["delta_ci_low"]:+.1f}, '
+                    f'{row["delta_ci_high"]:+.1f}]')
         lines.append(' | '.join([
             '', row['baseline'], row['twin'] or '(no twin run)',
             row['metric'], f'{row["n_baseline"]}/{row["n_twin"]}',
             _mean_std(row['baseline_mean'], row['baseline_std']),
-            _mean_std(row['twin_mean'], row['twin_std']), delta,
+            _mean_std(row['twin_mean'], row['twin_std']), delta, interval,
+            _number(row['p_permutation'], 3),
             _number(row.get('paper_baseline')),
             _number(row.get('paper_twin')),
             '-' if paper_delta is None else f'{paper_delta:+.1f}', zoo, ''
         ]).strip())
     if not rows:
         lines.append('| (no run with validation metrics to count) |' +
-                     ' |' * 10)
+                     ' |' * 12)
     lines += ['', 'Runs:', '',
-              '| Config | Seed | Trained | Box AP | Mask AP | Work dir | '
-              'Not counted because |', '|---|---|---|---|---|---|---|']
+              '| Config | Seed | Trained | Box AP | Mask AP | Loss | Work dir '
+              '| Not counted because |', '|---|---|---|---|---|---|---|---|']
     for run in sorted(runs, key=lambda r: (r.config or '', r.seed or 0,
                                            r.work_dir)):
         unit = 'ep' if run.by_epoch else 'it'
@@ -390,7 +456,9 @@ def markdown(rows: List[dict], runs: List[Run], metric: str) -> str:
         lines.append(' | '.join([
             '', run.config or '?', '?' if run.seed is None else str(run.seed),
             trained, _number(metrics.get('bbox')),
-            _number(metrics.get('segm')), run.work_dir,
+            _number(metrics.get('segm')),
+            'finite' if run.diverged_at is None else
+            f'not finite from iteration {run.diverged_at}', run.work_dir,
             '; '.join(run.problems), ''
         ]).strip())
     skipped = [run for run in runs if run.problems]
@@ -404,7 +472,8 @@ def markdown(rows: List[dict], runs: List[Run], metric: str) -> str:
 CSV_FIELDS = [
     'baseline', 'twin', 'metric', 'n_baseline', 'n_twin', 'baseline_mean',
     'baseline_std', 'twin_mean', 'twin_std', 'delta', 'delta_se',
-    'paper_baseline', 'paper_twin', 'paper_delta', 'zoo_baseline',
+    'delta_ci_low', 'delta_ci_high', 'p_permutation', 'paper_baseline',
+    'paper_twin', 'paper_delta', 'zoo_baseline',
     'zoo_schedule'
 ]
 
@@ -428,14 +497,15 @@ def write_csv(rows: List[dict], runs: List[Run], path: str,
     with open(runs_path, 'w', newline='') as f:
         writer = csv.writer(f)
         writer.writerow(['config', 'seed', 'work_dir', 'reached',
-                         'max_length', 'by_epoch', *keys, 'not_counted'])
+                         'max_length', 'by_epoch', *keys, 'diverged_at',
+                         'not_counted'])
         for run in runs:
             metrics = {} if run.problems else (run_metrics(run, metric)
                                                or {})
             writer.writerow([run.config or '', run.seed, run.work_dir,
                              run.reached, run.max_length, run.by_epoch,
                              *[metrics.get(key, '') for key in keys],
-                             '; '.join(run.problems)])
+                             run.diverged_at or '', '; '.join(run.problems)])
     return runs_path
 
 
