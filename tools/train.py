@@ -2,6 +2,7 @@
 # checks before the run, CPU (gloo) distributed training, --amp that keeps
 # GC, and checkpoints that resume exactly (RandomStateHook).
 import argparse
+import glob
 import os
 import os.path as osp
 import sys
@@ -151,6 +152,12 @@ def main():
         checkpoint = open(last).read().strip() if osp.isfile(last) else None
         print(f'Done. Checkpoint: {checkpoint or "none saved"}\n'
               f'Logs and config: {runner.log_dir}')
+        # What MMDetection's DetVisualizationHook drew during validation.
+        drawn = osp.join(runner.log_dir, 'vis_data', 'vis_image')
+        images = glob.glob(osp.join(drawn, '*.png'))
+        if images:
+            print(f'Drawn predictions ({len(images)} validation images, '
+                  f'ground truth left, predictions right): {drawn}')
 
 
 if __name__ == '__main__':

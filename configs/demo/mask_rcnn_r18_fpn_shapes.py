@@ -100,9 +100,14 @@ param_scheduler = [
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True,
          milestones=[16, 19], gamma=0.1)
 ]
+# Validation draws the first image of each batch with MMDetection's
+# visualizer (ground truth left, predictions scoring above 0.3 right) into
+# <log dir>/vis_data/vis_image/; the demo validates once, after training.
 default_hooks = dict(
     logger=dict(interval=6),
-    checkpoint=dict(interval=max_epochs))
+    checkpoint=dict(interval=max_epochs),
+    visualization=dict(
+        type='DetVisualizationHook', draw=True, interval=1, score_thr=0.3))
 # What GC removes from the gradients, every 50 iterations, in both twins
 # (vis_data/scalars.json; tools/analysis/plot_runs.py draws it).
 custom_hooks = [dict(type='GradStatsHook', interval=50)]
