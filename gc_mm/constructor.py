@@ -12,14 +12,25 @@ reads one more key, ``gc``, that switches GC per parameter by name::
             norm_decay_mult=0.,
             gc=dict(include=['backbone', 'neck'],  # regexes; default: all
                     exclude=['rpn_head'],          # regexes
+                    exclude_types=['ConvWS'],      # module types
                     mode='conv',                   # default: the applier's
                     transposed_conv='input')))     # see below
 
-A parameter whose name matches ``include`` (all do, if it is not given) and
-no ``exclude`` pattern gets GC in ``mode``; every other one gets none. The
+A parameter whose name matches ``include`` (all do, if it is not given), no
+``exclude`` pattern, and that does not belong to a module of one of the
+``exclude_types`` gets GC in ``mode``; every other one gets none. The
 choice holds whichever applies GC: a GC optimizer (``SGD_GC``, ...) or
 GCOptimWrapper/AmpGCOptimWrapper. It never decides who applies GC, and a
 wrapper and an optimizer that both apply it are refused by the wrapper.
+
+``exclude_types`` names module classes (a class, a name registered in
+MMEngine's ``MODELS`` as configs write them, or a class name; a subclass
+counts) whose own parameters get no GC, e.g. the weight-standardized convs
+of the GN+WS configs, ``['ConvWS']`` (mmcv's ``ConvWS2d``; its adaptive
+variant is ``'ConvAWS'``): their weight gradient has zero row means already, so GC of it
+changes nothing, and with coupled weight decay (``SGD_GC``) it would only
+centralize the decay term ``weight_decay * w`` (README: "GC and Weight
+Standardization"). A name that no module of the model has is refused.
 
 ``transposed_conv`` says how GC treats the weights of transposed convs
 (``nn.ConvTranspose1d/2d/3d`` and subclasses, e.g. the ``deconv`` upsampler
@@ -56,7 +67,7 @@ from typing import Dict, List, Optional
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
-from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import Tensor
 from torch.nn.modules.conv import _ConvTransposeNd
 
@@ -64,7 +75,7 @@ from .centralize import check_gc_mode, is_centralized
 from .optim_wrapper import CentralizeGradsMixin
 from .optimizers import GCOptimizer
 
-_GC_KEYS = ('include', 'exclude', 'mode', 'transposed_conv')
+_GC_KEYS = ('include', 'exclude', 'exclude_types', 'mode', 'transposed_conv')
 TRANSPOSED_CONV_RULES = ('input', 'output', None)
 _UNSET = object()
 
@@ -86,6 +97,30 @@ def row_length(param: Tensor, group: dict) -> int:
     if group.get('gc_out_dim', 0) == 1:
         return param.numel() // (param.shape[1] * group.get('gc_groups', 1))
     return math.prod(param.shape[1:])
+
+
+def _types(gc_cfg: dict) -> List:
+    """``exclude_types``: classes, or class names (strings)."""
+    types = gc_cfg.get('exclude_types', [])
+    if isinstance(types, (str, type)):
+        types = [types]
+    if not isinstance(types, (list, tuple)) or not all(
+            isinstance(t, (str, type)) for t in types):
+        raise ValueError('paramwise_cfg.gc.exclude_types must be a list of '
+                         f'module classes or class names, got {types!r}')
+    return list(types)
+
+
+def _is_of_type(module: nn.Module, name_or_class) -> bool:
+    """A class; a name registered in MMEngine's MODELS (as configs write
+    ``conv_cfg=dict(type='ConvWS')``); or a class name."""
+    if isinstance(name_or_class, str):
+        registered = MODELS.get(name_or_class)
+        if isinstance(registered, type):
+            name_or_class = registered
+    if isinstance(name_or_class, type):
+        return isinstance(module, name_or_class)
+    return any(cls.__name__ == name_or_class for cls in type(module).__mro__)
 
 
 def _patterns(gc_cfg: dict, key: str) -> List[re.Pattern]:
@@ -119,6 +154,7 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                              f'{sorted(unknown)}; it takes {_GC_KEYS}')
         self.gc_include = _patterns(gc_cfg, 'include')
         self.gc_exclude = _patterns(gc_cfg, 'exclude')
+        self.gc_exclude_types = _types(gc_cfg)
         self.gc_mode = (check_gc_mode(gc_cfg['mode'], 'paramwise_cfg.gc.mode')
                         if 'mode' in gc_cfg else _UNSET)
         self.transposed_conv = gc_cfg.get('transposed_conv', 'input')
@@ -151,9 +187,12 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             id(m.weight): m
             for m in module.modules() if isinstance(m, _ConvTransposeNd)
         }
+        excluded = self._excluded_by_type(module)
         for group in params:
             param = group['params'][0]  # mmengine makes one group per tensor
             gc_mode = self._gc_mode_for(names[id(param)])
+            if id(param) in excluded:
+                gc_mode = None
             deconv = transposed.get(id(param))
             if deconv is not None and gc_mode is not None:
                 if self.transposed_conv is None:
@@ -165,6 +204,21 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             if gc_mode is not _UNSET:
                 group['wrapper_gc_mode'] = gc_mode
         params[:] = _merge_groups(params)
+
+    def _excluded_by_type(self, model: nn.Module) -> set:
+        """ids of the parameters of modules of ``exclude_types``."""
+        excluded = set()
+        for name_or_class in self.gc_exclude_types:
+            matched = [m for m in model.modules()
+                       if _is_of_type(m, name_or_class)]
+            if not matched:
+                what = getattr(name_or_class, '__name__', name_or_class)
+                raise ValueError(
+                    f'paramwise_cfg.gc.exclude_types: the model has no '
+                    f'module of type {what!r}')
+            excluded.update(id(p) for m in matched
+                            for p in m.parameters(recurse=False))
+        return excluded
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
         optim_wrapper = super().__call__(model)
