@@ -9,7 +9,8 @@ load it with ``custom_imports = dict(imports=['gc_mm'], allow_failed_imports=Fal
 from . import compat
 from .centralize import centralize_, check_gc_mode, is_centralized
 from .constructor import GCOptimWrapperConstructor
-from .hooks import GradStatsHook, RandomStateHook
+from .hooks import GradStatsHook, RandomStateHook, RIFLEHook
+from .msgd import MSGDOptimWrapper
 from .optim_wrapper import AmpGCOptimWrapper, GCOptimWrapper
 from .optimizers import *  # noqa: F401,F403
 from .version import __version__
@@ -19,6 +20,6 @@ compat.apply()
 __all__ = [
     'centralize_', 'check_gc_mode', 'is_centralized',
     'GCOptimWrapperConstructor', 'GCOptimWrapper', 'AmpGCOptimWrapper',
-    'RandomStateHook', 'GradStatsHook',
+    'RandomStateHook', 'GradStatsHook', 'RIFLEHook', 'MSGDOptimWrapper',
     '__version__'
 ]

@@ -27,10 +27,11 @@ wrapper and an optimizer that both apply it are refused by the wrapper.
 MMEngine's ``MODELS`` as configs write them, or a class name; a subclass
 counts) whose own parameters get no GC, e.g. the weight-standardized convs
 of the GN+WS configs, ``['ConvWS']`` (mmcv's ``ConvWS2d``; its adaptive
-variant is ``'ConvAWS'``): their weight gradient has zero row means already, so GC of it
-changes nothing, and with coupled weight decay (``SGD_GC``) it would only
-centralize the decay term ``weight_decay * w`` (README: "GC and Weight
-Standardization"). A name that no module of the model has is refused.
+variant is ``'ConvAWS'``): their weight gradient has zero row means
+already, so GC of it changes nothing, and with coupled weight decay
+(``SGD_GC``) it would only centralize the decay term ``weight_decay * w``
+(README: "GC and Weight Standardization"). A name that no module of the
+model has is refused.
 
 ``transposed_conv`` says how GC treats the weights of transposed convs
 (``nn.ConvTranspose1d/2d/3d`` and subclasses, e.g. the ``deconv`` upsampler

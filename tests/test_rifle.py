@@ -196,6 +196,10 @@ def test_reinit_draws_from_the_models_init_not_torchs_default():
     hook = RIFLEHook()
     layers = hook._select(model)
     assert list(layers) == list(DEMO_LAYERS)
+    # A module inside one already selected is part of it (re-initialized
+    # once).
+    assert list(RIFLEHook(layers=['fc_cls', r'bbox_head$'])._select(
+        model)) == ['roi_head.bbox_head']
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for layer in layers.values():
@@ -278,6 +282,40 @@ def test_iterations_with_adam_and_a_regex(tmp_path):
     # +-1/sqrt(fan_in)), after two Adam steps of lr 0.01.
     bound = 1 / model.fc.in_features**0.5 + 2 * 0.01 + 1e-6
     assert model.fc.weight.abs().max() <= bound
+
+
+def test_lookahead_slow_weights_restart_at_the_new_weights(tmp_path):
+    """Lookahead(k=2) around SGD with momentum; a re-init before iteration
+    2 (3rd inner step, no synchronization): the fc's momentum and slow
+    weights are dropped, and its slow weights start again at the
+    re-initialized weights; the conv's go on."""
+    seen = {}
+
+    class Watch(Hook):
+        priority = 'BELOW_NORMAL'  # after RIFLEHook
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            state = runner.optim_wrapper.optimizer.state
+            model = runner.model
+            seen[runner.iter] = dict(
+                fc=model.fc.weight.detach().clone(),
+                fc_state={k: v.clone() for k, v in state.get(
+                    model.fc.weight, {}).items()},
+                conv_slow=state[model.conv.weight]['slow_weight'].clone()
+                if runner.iter else None)
+
+    runner = tiny_runner(tmp_path, [
+        dict(type='RIFLEHook', by_epoch=False, num_reinits=1, layers=['fc'],
+             end=4), Watch()], max_iters=4, optimizer=dict(
+                 type='Lookahead', k=2, alpha=0.5,
+                 optimizer=dict(type='SGD', lr=0.01, momentum=0.9)))
+    runner.train()
+    assert set(seen[1]['fc_state']) == {'momentum_buffer', 'slow_weight'}
+    assert seen[2]['fc_state'] == {}
+    assert not torch.equal(seen[2]['fc'], seen[1]['fc'])
+    slow = seen[3]['fc_state']['slow_weight']
+    assert torch.equal(slow, seen[2]['fc'])
+    assert torch.equal(seen[3]['conv_slow'], seen[2]['conv_slow'])
 
 
 def test_gradient_accumulation_zeroes_the_stale_gradients(tmp_path):
