@@ -126,6 +126,11 @@ class Lookahead(Optimizer):
     def state(self, state):
         self.optimizer.state = state
 
+    def __getstate__(self) -> dict:
+        # torch's would keep only defaults, state and param_groups, which
+        # here are the inner optimizer's (copy.deepcopy, pickling).
+        return self.__dict__.copy()
+
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)
 

@@ -5,7 +5,8 @@ Beyond", ICLR 2020) as ``torch.optim.RAdam`` computes it. With t the
 parameter's step, bc1 = 1 - b1^t, bc2 = 1 - b2^t and P = GC under the
 group's ``gc_mode``::
 
-    coupled decay:    d = g + wd * w          decoupled:  d = g; w = (1 - lr wd) w
+    coupled decay:     d = g + wd * w
+    decoupled decay:   d = g;  w = (1 - lr * wd) w
     gc_loc='gradient': d = P(d)
     m = b1 m + (1 - b1) d;  v = b2 v + (1 - b2) d^2
     rho_inf = 2 / (1 - b2) - 1;  rho_t = rho_inf - 2 t b2^t / bc2
