@@ -20,7 +20,7 @@ import gc_mm  # noqa: F401  (registers RIFLEHook)
 from conftest import REPO, run_tool
 from gc_mm.hooks import RIFLEHook, _initializer, _reinitialize
 from test_grad_stats import Pairs, Tiny
-from test_tools import DEMO, DEMO_SMALL, TRAIN, checkpoint
+from test_tools import DEMO, DEMO_SMALL, TRAIN, balloon_small, checkpoint
 
 DEMO_LAYERS = ('roi_head.bbox_head.fc_cls', 'roi_head.bbox_head.fc_reg',
                'roi_head.mask_head.conv_logits')
@@ -173,6 +173,22 @@ def test_resume_does_not_repeat_a_reinit_and_ends_as_the_straight_run(
     b = checkpoint(osp.join(tmp_path, 'work', 'epoch_4.pth'))['state_dict']
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_balloon_rifle_config_reinits_its_heads(tmp_path, balloon):
+    """The balloon RIFLE twin on 4 images (one iteration per epoch) for 3
+    epochs: its two re-inits come before iterations 1 and 2."""
+    config = osp.join(REPO,
+                      'configs/finetune/mask_rcnn_r18_fpn_gc_balloon_rifle.py')
+    options = [o.replace('max_epochs=1', 'max_epochs=3').replace(
+        'val_interval=1', 'val_interval=10') for o in balloon_small(balloon)]
+    proc = run_tool([TRAIN, config, '--work-dir', str(tmp_path / 'work'),
+                     '--cfg-options', *options], cwd=tmp_path)
+    assert ('RIFLEHook: 2 re-inits of ' + ', '.join(DEMO_LAYERS) +
+            ' before iterations [1, 2]') in proc.stdout
+    for it in (1, 2):
+        assert (f're-init {it} of 2 (epoch {it}, iteration {it}): '
+                + ', '.join(DEMO_LAYERS)) in proc.stdout
 
 
 # ---------------------------------------------------------------------------
