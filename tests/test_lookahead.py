@@ -252,6 +252,34 @@ def test_a_parameter_whose_state_is_dropped_restarts_its_slow_weights():
                        opt.state[params[1]]['slow_weight'])
 
 
+def test_a_step_the_loss_scaler_skips_is_not_counted():
+    """Under AMP, GradScaler skips the step for non-finite gradients (it
+    does not call step): the parameters, the slow weights and the count of
+    inner steps stay as they were."""
+    weights, grads = initial_weights(), gradients(3)
+    params, opt = build(dict(type='Lookahead', optimizer=SGD_GC, k=2),
+                        weights, F32)
+    scaler = torch.amp.GradScaler('cpu', init_scale=4.)
+    for t, step_grads in enumerate(grads):
+        step_grads = [torch.tensor(g, dtype=F32) for g in step_grads]
+        if t == 1:
+            step_grads[0][0, 0, 0, 0] = float('inf')
+            before = [p.detach().clone() for p in params]
+        opt.zero_grad()
+        # A loss whose gradient is this step's.
+        scaler.scale(sum((p * g).sum()
+                         for p, g in zip(params, step_grads))).backward()
+        scaler.step(opt)
+        scaler.update()
+        if t == 1:
+            assert opt.lookahead_steps == 1
+            for p, b in zip(params, before):
+                assert torch.equal(p.detach(), b)
+    assert opt.lookahead_steps == 2  # and the sync came at the 2nd real step
+    for p in params:
+        assert torch.equal(p.detach(), opt.state[p]['slow_weight'])
+
+
 def test_frozen_parameters_get_no_slow_weights():
     params, opt = build(dict(type='Lookahead', optimizer=SGD_GC),
                         initial_weights())
