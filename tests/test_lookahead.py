@@ -213,6 +213,27 @@ def test_state_dict_holds_slow_weights_and_resumes_bit_exact(inner, dtype):
                                    atol=0)
 
 
+def test_loads_a_state_dict_of_the_inner_optimizer_alone():
+    """A checkpoint of a run without Lookahead: the inner state is loaded,
+    the slow weights start at the next step, from the weights then."""
+    weights, grads = initial_weights(), gradients(3)
+    params, plain = build(SGD_GC, weights)
+    run(plain, params, grads[:2])
+    resumed, opt = build(dict(type='Lookahead', optimizer=SGD_GC, k=5),
+                         weights)
+    with torch.no_grad():
+        for p, q in zip(resumed, params):
+            p.copy_(q)
+    opt.load_state_dict(save_load(plain.state_dict()))
+    assert opt.lookahead_steps == 0
+    starts = [p.detach().clone() for p in resumed]
+    run(opt, resumed, grads[2:])
+    run(plain, params, grads[2:])
+    for p, q, start in zip(resumed, params, starts):
+        assert torch.equal(p, q)  # momentum resumed: the same step
+        assert torch.equal(opt.state[p]['slow_weight'], start)
+
+
 def test_refuses_slow_weights_of_another_shape_before_loading():
     params, opt = build(dict(type='Lookahead', optimizer=SGD_GC),
                         initial_weights())
