@@ -34,7 +34,8 @@ def parse_args():
         description='Publish a checkpoint and an inference config that '
         'stock MMDetection loads without gc_mm')
     parser.add_argument('config', help='the config the model was trained with')
-    parser.add_argument('checkpoint', help='checkpoint file (e.g. epoch_20.pth)')
+    parser.add_argument('checkpoint',
+                        help='checkpoint file (e.g. epoch_20.pth)')
     parser.add_argument('out_dir', help='folder for <name>-<sha8>.pth and '
                         '<name>.py (created if missing)')
     return parser.parse_args()
