@@ -19,16 +19,22 @@
   every import of pkg_resources, and mmengine imports it twice per run:
   the tools silence exactly that warning
   (:func:`silence_pkg_resources_warning`).
+- mmdet's visualizer jitters mask colours with numpy's global generator,
+  so drawing during a validation would change the later random
+  augmentation; it gets a generator of its own
+  (:func:`keep_numpy_random_state_when_drawing`).
 - mmengine's distributed init calls ``torch.cuda.set_device`` and its DDP
   wrapper passes CUDA ``device_ids``; on a machine without CUDA,
   :func:`setup_distributed` starts the process group with gloo itself and
   builds DDP for CPU modules.
 """
+import importlib.abc
 import importlib.util
 import json
 import logging
 import os
 import os.path as osp
+import sys
 import tempfile
 import warnings
 
@@ -115,8 +121,74 @@ def _atomic_put(self, obj, filepath, encoding: str = 'utf-8') -> None:
         raise
 
 
+class _OwnNumpyGenerator:
+    """Runs a function that draws from numpy's global generator on a
+    generator of its own, leaving the global one as it was."""
+
+    def __init__(self, func, seed: int = 0):
+        self.func = func
+        self.state = np.random.RandomState(seed).get_state()
+
+    def __call__(self, *args, **kwargs):
+        outside = np.random.get_state()
+        np.random.set_state(self.state)
+        try:
+            return self.func(*args, **kwargs)
+        finally:
+            self.state = np.random.get_state()
+            np.random.set_state(outside)
+
+
+def _jitter_colors_on_own_generator(local_visualizer) -> None:
+    if not isinstance(local_visualizer.jitter_color, _OwnNumpyGenerator):
+        local_visualizer.jitter_color = _OwnNumpyGenerator(
+            local_visualizer.jitter_color)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Applies ``patch`` to module ``name`` right after its first import,
+    so that gc_mm's import does not import it."""
+
+    def __init__(self, name: str, patch):
+        self.name, self.patch, self.loader = name, patch, None
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name or self.loader is not None:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = self.loader
+        self.loader.exec_module(module)
+        self.patch(module)
+
+
+def keep_numpy_random_state_when_drawing() -> None:
+    """mmdet's visualizer jitters each mask's colour with numpy's global
+    generator (``jitter_color``), so drawing predictions during a
+    validation (DetVisualizationHook) would change the random augmentation
+    of every later epoch, and what a resumed run draws. The jitter is drawn
+    from a generator of its own instead. Idempotent; mmdet's visualizer is
+    patched when it is first imported."""
+    name = 'mmdet.visualization.local_visualizer'
+    if name in sys.modules:
+        _jitter_colors_on_own_generator(sys.modules[name])
+    elif not any(isinstance(f, _PatchOnImport) and f.name == name
+                 for f in sys.meta_path):
+        sys.meta_path.insert(
+            0, _PatchOnImport(name, _jitter_colors_on_own_generator))
+
+
 def apply() -> None:
     """Apply the fixes that are safe at import time (idempotent)."""
+    keep_numpy_random_state_when_drawing()
     from mmengine.fileio import LocalBackend
     from mmengine.logging import HistoryBuffer
     torch.serialization.add_safe_globals(checkpoint_safe_globals())

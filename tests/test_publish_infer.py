@@ -399,3 +399,47 @@ def test_infer_refuses_bad_input_before_loading(trained, published, images,
     assert (f"error: checkpoint: checkpoint '{tmp_path / 'missing.pth'}' "
             'does not exist.') in proc.stderr
     assert not out_dir.exists()
+
+
+DRAW_TWO_MASKS = """
+import sys
+import numpy as np
+import torch
+import gc_mm  # noqa: F401
+assert 'mmdet' not in sys.modules  # the fix waits for mmdet's visualizer
+from mmengine.structures import InstanceData
+from mmdet.structures import DetDataSample
+from mmdet.visualization import DetLocalVisualizer
+
+visualizer = DetLocalVisualizer()
+visualizer.dataset_meta = dict(classes=('a', 'b'), palette=[(255, 0, 0),
+                                                            (0, 255, 0)])
+instances = InstanceData(
+    bboxes=torch.tensor([[5., 5., 30., 30.], [35., 35., 60., 60.]]),
+    scores=torch.tensor([0.9, 0.8]), labels=torch.tensor([0, 0]),
+    masks=torch.zeros(2, 64, 64, dtype=torch.bool))
+instances.masks[0, 5:30, 5:30] = True
+instances.masks[1, 35:60, 35:60] = True
+sample = DetDataSample(pred_instances=instances)
+np.random.seed(0)
+want = np.random.rand(3)
+np.random.seed(0)
+visualizer.add_datasample('x', np.zeros((64, 64, 3), np.uint8), sample,
+                          draw_gt=False)
+print('global stream kept:', np.array_equal(np.random.rand(3), want))
+image = visualizer.get_image()
+print('masks of one class told apart:', not np.array_equal(image[20, 20],
+                                                         image[50, 50]))
+"""
+
+
+def test_drawing_masks_leaves_numpy_global_generator(tmp_path):
+    """mmdet's visualizer jitters mask colours with numpy's global
+    generator; with gc_mm imported it takes its own, so drawing during a
+    validation (the demo's DetVisualizationHook) does not change the later
+    random augmentation. The jitter still tells instances apart."""
+    script = tmp_path / 'draw.py'
+    script.write_text(DRAW_TWO_MASKS)
+    proc = run_tool([str(script)], cwd=tmp_path)
+    assert 'global stream kept: True' in proc.stdout
+    assert 'masks of one class told apart: True' in proc.stdout

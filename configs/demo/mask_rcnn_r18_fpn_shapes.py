@@ -103,6 +103,8 @@ param_scheduler = [
 # Validation draws the first image of each batch with MMDetection's
 # visualizer (ground truth left, predictions scoring above 0.3 right) into
 # <log dir>/vis_data/vis_image/; the demo validates once, after training.
+# Drawing leaves the training's random streams as they were (gc_mm.compat
+# gives mmdet's mask-colour jitter a generator of its own).
 default_hooks = dict(
     logger=dict(interval=6),
     checkpoint=dict(interval=max_epochs),
