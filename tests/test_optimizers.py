@@ -121,11 +121,12 @@ def assert_params_match_reference(params, name, hp, weights, grads):
 
 
 def test_every_registered_gc_optimizer_is_tested():
-    """The tests parametrized over ALL_NAMES cover the whole registry."""
+    """The tests parametrized over ALL_NAMES cover the whole registry
+    (RAdam_GC has its own reference, in test_radam.py)."""
     registered = {
         name for name, cls in OPTIMIZERS.module_dict.items()
         if isinstance(cls, type) and issubclass(cls, GCOptimizer)}
-    assert registered == set(ALL_NAMES)
+    assert registered == set(ALL_NAMES) | {'RAdam_GC'}
 
 
 @pytest.mark.parametrize('name,hp', list(cases()))
