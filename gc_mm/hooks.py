@@ -716,8 +716,10 @@ class RIFLEHook(Hook):
         for param in params:
             if param.grad is not None:
                 param.grad.zero_()
-        dropped = _drop_optimizer_state(runner.optim_wrapper.optimizer,
-                                        params)
+        wrappers = (runner.optim_wrapper.values() if isinstance(
+            runner.optim_wrapper, OptimWrapperDict) else [runner.optim_wrapper])
+        dropped = sum(_drop_optimizer_state(wrapper.optimizer, params)
+                      for wrapper in wrappers)
         self._done.append(runner.iter)
         runner.message_hub.update_info('rifle_reinit_iters', list(self._done))
         where = (f'epoch {runner.epoch}, ' if self._unit == 'epoch' else '')

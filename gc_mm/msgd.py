@@ -15,7 +15,9 @@ micro-batch ``i`` on rank ``r`` is multiplied by a random weight
     g = sum_{r, i} w[r, i] * g[r, i] / (R * n)
 
 where ``g[r, i]`` is the gradient of that micro-batch's (mean) loss: the
-``1 / n`` is MMEngine's loss scaling under accumulation, the ``1 / R`` DDP's
+``1 / n`` is MMEngine's loss scaling under accumulation (for the last
+update of a run whose length is not a multiple of ``n``, ``n`` is the
+number of micro-batches left, as MMEngine scales them), the ``1 / R`` DDP's
 gradient averaging. With every ``w = 1`` it is the plain large-batch
 gradient.
 """

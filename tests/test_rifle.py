@@ -33,6 +33,13 @@ def _model(runner):
                                           'module') else runner.model
 
 
+def _tensors(runner):
+    """The model's parameters and buffers (BN statistics), by name."""
+    model = _model(runner)
+    return {n: t.detach().clone() for n, t in (*model.named_parameters(),
+                                               *model.named_buffers())}
+
+
 def _optimizer_state(runner):
     names = {id(p): n for n, p in _model(runner).named_parameters()}
     return {names[id(p)]: {k: v.clone() if torch.is_tensor(v) else v
@@ -48,8 +55,7 @@ class RIFLESnapshotHook(Hook):
     priority = 'ABOVE_NORMAL'
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
-        self.params = {n: p.detach().clone()
-                       for n, p in _model(runner).named_parameters()}
+        self.params = _tensors(runner)
         self.state = _optimizer_state(runner)
 
 
@@ -68,7 +74,7 @@ class RIFLEProbeHook(Hook):
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         [snapshot] = [h for h in runner.hooks
                       if isinstance(h, RIFLESnapshotHook)]
-        params = dict(_model(runner).named_parameters())
+        params = _tensors(runner)
         state = _optimizer_state(runner)
         self.records[runner.iter] = dict(
             changed=sorted(n for n, p in params.items()
