@@ -7,6 +7,7 @@ import json
 import math
 import os
 import os.path as osp
+import re
 import shutil
 import statistics
 import subprocess
@@ -298,3 +299,23 @@ def test_plot_runs_refuses_a_work_dir_without_logs(runs, tmp_path):
     assert proc.returncode != 0
     assert f'error: {crashed}: no training logged' in proc.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_grad_stats_cost_prints_consistent_shares(tmp_path):
+    """tools/analysis/grad_stats_cost.py on the demo: a record costs
+    something, and the shares it prints are those of its two medians."""
+    proc = run_tool([
+        osp.join(REPO, 'tools/analysis/grad_stats_cost.py'),
+        osp.join(REPO, 'configs/demo', f'{TWIN}.py'), '--iters', '4',
+        '--warmup', '1', '--interval', '50', '--work-dir',
+        str(tmp_path / 'work'), '--cfg-options', 'randomness.seed=0'
+    ], cwd=tmp_path)
+    match = re.search(
+        r'3 iterations timed \(medians\): one record ([\d.]+) ms, one '
+        r'iteration without it ([\d.]+) ms; every iteration: ([\d.]+)% of '
+        r'the iteration time, at interval 50: ([\d.]+)%', proc.stdout)
+    assert match, proc.stdout[-3000:]
+    record, iteration, every, at_50 = map(float, match.groups())
+    assert 0 < record < iteration
+    assert every == pytest.approx(100 * record / iteration, abs=0.02)
+    assert at_50 == pytest.approx(100 * record / (50 * iteration), abs=1e-3)
