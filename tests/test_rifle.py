@@ -257,7 +257,8 @@ def before_weight(before, model, weight):
 
 
 def tiny_runner(work_dir, hooks, max_iters=8, optimizer=None, launcher='none',
-                diff_rank_seed=False, accumulative_counts=1):
+                diff_rank_seed=False, accumulative_counts=1, checkpoint=None,
+                resume_from=None):
     return Runner(
         model=Tiny(), work_dir=str(work_dir), experiment_name=work_dir.name,
         train_dataloader=dict(
@@ -270,9 +271,10 @@ def tiny_runner(work_dir, hooks, max_iters=8, optimizer=None, launcher='none',
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         custom_hooks=hooks,
         default_hooks=dict(logger=dict(type='LoggerHook', interval=1),
-                           checkpoint=None),
+                           checkpoint=checkpoint),
         randomness=dict(seed=0, diff_rank_seed=diff_rank_seed),
-        launcher=launcher,
+        launcher=launcher, resume=resume_from is not None,
+        load_from=resume_from,
         cfg=dict(model_wrapper_cfg=dict(type='MMDistributedDataParallel',
                                         device_ids=None)))
 
@@ -304,6 +306,36 @@ def test_iterations_with_adam_and_a_regex(tmp_path):
     # +-1/sqrt(fan_in)), after two Adam steps of lr 0.01.
     bound = 1 / model.fc.in_features**0.5 + 2 * 0.01 + 1e-6
     assert model.fc.weight.abs().max() <= bound
+
+
+def test_resume_at_a_planned_iteration_does_that_reinit_once(tmp_path):
+    """Iteration checkpoints every 2 iterations; re-inits before 2, 4, 6.
+    iter_4.pth is saved after iteration 3, before the re-init at 4: the run
+    resumed from it does the re-inits at 4 and 6 (not 2) and ends as the
+    straight run (RandomStateHook restores the generators the re-inits
+    draw from)."""
+    hooks = [dict(type='RIFLEHook', by_epoch=False, layers=['fc']),
+             dict(type='RIFLESnapshotHook'), dict(type='RandomStateHook')]
+    every_2 = dict(type='CheckpointHook', interval=2, by_epoch=False)
+    straight = tiny_runner(tmp_path / 'straight', hooks + [dict(
+        type='RIFLEProbeHook', out_dir=str(tmp_path / 'straight'))],
+        checkpoint=every_2)
+    straight.train()
+    resumed = tiny_runner(tmp_path / 'resumed', hooks + [dict(
+        type='RIFLEProbeHook', out_dir=str(tmp_path / 'resumed'))],
+        checkpoint=every_2,
+        resume_from=str(tmp_path / 'straight' / 'iter_4.pth'))
+    resumed.train()
+    straight_records = read_probe(tmp_path / 'straight')
+    records = read_probe(tmp_path / 'resumed')
+    assert [it for it, r in straight_records.items() if r['changed']] == [
+        2, 4, 6]
+    assert sorted(records) == [4, 5, 6, 7]
+    assert [it for it, r in records.items() if r['changed']] == [4, 6]
+    assert records[4]['reinit_iters'] == [2, 4]
+    for name, param in straight.model.named_parameters():
+        torch.testing.assert_close(dict(resumed.model.named_parameters())[
+            name], param, rtol=0, atol=0, msg=name)
 
 
 def test_lookahead_slow_weights_restart_at_the_new_weights(tmp_path):
