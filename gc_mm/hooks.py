@@ -445,9 +445,10 @@ def _initializer(module: nn.Module, model: nn.Module, name: str):
     made it: its closest enclosing MMEngine module (whose ``init_weights``
     applies that module's ``init_cfg``, e.g. BBoxHead's Normal std 0.01 on
     ``fc_cls``, and any custom ``init_weights``, e.g. FCNMaskHead's Kaiming
-    on ``conv_logits``), with the path from it; else ``module`` itself when
-    or a layer below it can reset itself (``reset_parameters``); else
-    None."""
+    on ``conv_logits``), with the path from it; else ``module`` itself, if
+    it is an MMEngine module or has layers with ``reset_parameters``; else
+    None. (An ``init_cfg`` of type 'Pretrained' on that module would load
+    its checkpoint into the copy: RIFLE would restore those weights.)"""
     parts = name.split('.')
     for depth in range(len(parts) - 1, -1, -1):
         ancestor = model.get_submodule('.'.join(parts[:depth]))
