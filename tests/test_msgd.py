@@ -12,7 +12,7 @@ from mmengine.hooks import Hook
 from mmengine.optim import build_optim_wrapper
 
 import gc_mm  # noqa: F401  (registers MSGDOptimWrapper)
-from gc_mm.msgd import MSGDOptimWrapper, msgd_weights
+from gc_mm.msgd import msgd_weights
 from test_grad_stats import Pairs, Tiny, train
 
 LR = 0.1
