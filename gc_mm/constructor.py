@@ -74,7 +74,7 @@ from torch.nn.modules.conv import _ConvTransposeNd
 
 from .centralize import check_gc_mode, is_centralized
 from .optim_wrapper import CentralizeGradsMixin
-from .optimizers import GCOptimizer
+from .optimizers import GCOptimizer, inner_optimizer
 
 _GC_KEYS = ('include', 'exclude', 'exclude_types', 'mode', 'transposed_conv')
 TRANSPOSED_CONV_RULES = ('input', 'output', None)
@@ -88,7 +88,7 @@ def applied_gc_mode(optim_wrapper: OptimWrapper,
         wrapper_mode = optim_wrapper.group_gc_mode(group)
         if wrapper_mode is not None:
             return wrapper_mode
-    if isinstance(optim_wrapper.optimizer, GCOptimizer):
+    if isinstance(inner_optimizer(optim_wrapper.optimizer), GCOptimizer):
         return group['gc_mode']
     return None
 
@@ -225,7 +225,7 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         optim_wrapper = super().__call__(model)
         module = model.module if hasattr(model, 'module') else model
         optimizer = optim_wrapper.optimizer
-        if isinstance(optimizer, GCOptimizer):
+        if isinstance(inner_optimizer(optimizer), GCOptimizer):
             for group in optimizer.param_groups:
                 if (group['gc_mode'] is not None
                         and 'wrapper_gc_mode' in group):

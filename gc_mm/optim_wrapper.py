@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 
 from .centralize import (centralize_, check_gc_mode, check_output_layout,
                          is_centralized)
-from .optimizers import GCOptimizer
+from .optimizers import GCOptimizer, inner_optimizer
 
 GC_ORDERS = ('clip_then_gc', 'gc_then_clip')
 
@@ -53,7 +53,8 @@ class CentralizeGradsMixin:
         if gc_order not in GC_ORDERS:
             raise ValueError(f'gc_order must be one of {GC_ORDERS}, got '
                              f'{gc_order!r}')
-        if (gc_mode is not None and isinstance(self.optimizer, GCOptimizer)
+        if (gc_mode is not None
+                and isinstance(inner_optimizer(self.optimizer), GCOptimizer)
                 and any(group['gc_mode'] is not None
                         for group in self.optimizer.param_groups)):
             raise ValueError(
@@ -81,7 +82,8 @@ class CentralizeGradsMixin:
             if gc_mode is None:
                 continue
             if ('gc_mode' in group and 'wrapper_gc_mode' not in group
-                    and not isinstance(self.optimizer, GCOptimizer)):
+                    and not isinstance(inner_optimizer(self.optimizer),
+                                       GCOptimizer)):
                 # Earlier versions read it here; ignoring it would silently
                 # centralize the layers it excluded.
                 raise ValueError(

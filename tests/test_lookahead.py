@@ -458,15 +458,15 @@ def test_hook_switches(tmp_path):
 
 
 def lookahead_demo(folder):
-    """The GC demo with Lookahead(SGD_GC), k=3, and SlowWeightsHook."""
+    """The GC demo with Lookahead(SGD_GC), k=3; tools/train.py adds
+    SlowWeightsHook, since the config has none."""
     path = folder / 'lookahead_demo.py'
     path.write_text(
         f"_base_ = '{DEMO}'\n"
         "optim_wrapper = dict(optimizer=dict(\n"
         "    _delete_=True, type='Lookahead', k=3, alpha=0.5,\n"
         "    optimizer=dict(type='SGD_GC', lr=0.01, momentum=0.9,\n"
-        "                   weight_decay=1e-4)))\n"
-        "custom_hooks = [dict(type='SlowWeightsHook')]\n")
+        "                   weight_decay=1e-4)))\n")
     return str(path)
 
 
@@ -505,3 +505,25 @@ def test_demo_resumed_through_train_py_ends_equal(tmp_path):
                            a['lookahead_fast_weights'][name])
     assert any(torch.equal(a['state_dict'][name], state['slow_weight'])
                for state in a['optimizer']['state'].values())
+
+
+def test_constructor_and_wrappers_see_the_gc_optimizer_inside_lookahead():
+    """paramwise_cfg.gc reaches Ranger's (and Lookahead(SGD_GC)'s) inner GC
+    optimizer, and GCOptimWrapper refuses to centralize twice."""
+    from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1))
+    for optimizer in (dict(type='Ranger'),
+                      dict(type='Lookahead', optimizer=SGD_GC)):
+        constructor = OPTIM_WRAPPER_CONSTRUCTORS.build(dict(
+            type='GCOptimWrapperConstructor',
+            optim_wrapper_cfg=dict(type='OptimWrapper', optimizer=optimizer),
+            paramwise_cfg=dict(gc=dict(exclude=[r'^1\.']))))
+        wrapper = constructor(model)
+        modes = {id(p): g['gc_mode'] for g in wrapper.optimizer.param_groups
+                 for p in g['params']}
+        assert modes[id(model[0].weight)] == 'conv_fc'
+        assert modes[id(model[1].weight)] is None
+        with pytest.raises(ValueError, match='would centralize twice'):
+            OPTIM_WRAPPERS.build(dict(type='GCOptimWrapper',
+                                      gc_mode='conv_fc',
+                                      optimizer=wrapper.optimizer))

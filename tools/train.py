@@ -8,12 +8,13 @@ import os.path as osp
 import sys
 
 from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
+from mmengine.registry import OPTIMIZERS, RUNNERS
 from mmengine.runner import Runner
 
 import gc_mm  # noqa: F401  (registers gc_mm, applies the compat fixes)
 from gc_mm.checks import ConfigError, check_before_run, checkpoint_path
 from gc_mm.compat import setup_distributed, silence_pkg_resources_warning
+from gc_mm.optimizers import Lookahead
 
 # Before Config.fromfile, whose mmengine imports pkg_resources.
 silence_pkg_resources_warning()
@@ -114,6 +115,12 @@ def build_config(args) -> Config:
     hooks = list(cfg.get('custom_hooks', []))
     if not any(hook.get('type') == 'RandomStateHook' for hook in hooks):
         cfg.custom_hooks = hooks + [dict(type='RandomStateHook')]
+    # Lookahead (Ranger) is validated, tested and saved with its slow weights
+    # unless the config has its own SlowWeightsHook (e.g. val=False).
+    if (uses_lookahead(cfg.get('optim_wrapper', {}).get('optimizer'))
+            and not any(hook.get('type') == 'SlowWeightsHook'
+                        for hook in cfg.custom_hooks)):
+        cfg.custom_hooks.append(dict(type='SlowWeightsHook'))
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
@@ -127,6 +134,18 @@ def build_config(args) -> Config:
         cfg.custom_hooks.append(
             dict(type='CheckpointCheckHook', checkpoint=checkpoint))
     return cfg
+
+
+def uses_lookahead(optimizer_cfg) -> bool:
+    """Whether an optimizer config is a Lookahead (Ranger is one), also
+    around another optimizer."""
+    if not isinstance(optimizer_cfg, dict):
+        return False
+    optimizer_type = optimizer_cfg.get('type')
+    if isinstance(optimizer_type, str):
+        optimizer_type = OPTIMIZERS.get(optimizer_type)
+    return isinstance(optimizer_type, type) and issubclass(
+        optimizer_type, Lookahead)
 
 
 def main():
