@@ -527,3 +527,26 @@ def test_constructor_and_wrappers_see_the_gc_optimizer_inside_lookahead():
             OPTIM_WRAPPERS.build(dict(type='GCOptimWrapper',
                                       gc_mode='conv_fc',
                                       optimizer=wrapper.optimizer))
+
+
+@pytest.mark.parametrize('inner', [
+    dict(type='RAdam_GC', lr=0.1), dict(type='Adam_GC', lr=0.1),
+    dict(type='Adagrad_GC', lr=0.1), dict(type='AdamW', lr=0.1), SGD_GC])
+def test_a_parameter_without_gradient_gets_its_slow_weights_when_updated(
+        inner):
+    """A parameter that gets its first gradient at the second step (a head
+    unused at first) starts its slow weights then, from its weights before
+    that step; until then it has no state, so the inner optimizer creates
+    its moments as for a fresh parameter."""
+    torch.manual_seed(0)
+    a, b = (nn.Parameter(torch.randn(3, 4)) for _ in range(2))
+    opt = OPTIMIZERS.build(dict(type='Lookahead', params=[a, b], k=5,
+                                optimizer=inner))
+    a.grad = torch.randn(3, 4)
+    opt.step()
+    assert b not in opt.state or not opt.state[b]
+    before = b.detach().clone()
+    b.grad = torch.randn(3, 4)
+    opt.step()
+    assert torch.equal(opt.state[b]['slow_weight'], before)
+    assert not torch.equal(b, before)

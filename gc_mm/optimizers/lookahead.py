@@ -144,15 +144,18 @@ class Lookahead(Optimizer):
 
     def step(self, closure=None):
         # Slow weights start as a parameter's weights before its first
-        # update. Every parameter that requires grad gets them (which ones
-        # get a gradient is known only once a closure ran).
+        # update. Which parameters get a gradient is known only once a
+        # closure ran: copy every candidate, keep those that were updated.
+        # One without a gradient gets no state entry, since optimizers (torch
+        # Adam, RAdam_GC, ...) create their state when they find it empty.
         starts = [(param, _slow_copy(param, param.detach()))
                   for group in self.param_groups for param in group['params']
                   if param.requires_grad
                   and SLOW_WEIGHT not in self.state.get(param, ())]
         loss = self.optimizer.step(closure)
         for param, start in starts:
-            self.state[param][SLOW_WEIGHT] = start
+            if param.grad is not None:
+                self.state[param][SLOW_WEIGHT] = start
         self.lookahead_steps += 1
         if self.lookahead_steps % self.k == 0:
             self._synchronize()
