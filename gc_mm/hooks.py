@@ -177,6 +177,23 @@ def _row_means(grad: Tensor, out_dim: int, groups: int) -> Tensor:
 
 
 @HOOKS.register_module()
+def compile_layers(owner: str, layers) -> Optional[list]:
+    """``layers`` (a regex or a list of them, or None) compiled; a
+    ValueError naming ``owner`` for anything else or an empty list."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        layers = [layers]
+    try:
+        compiled = [re.compile(pattern) for pattern in layers]
+    except (TypeError, re.error) as error:
+        raise ValueError(f'{owner}: layers must be a list of regular '
+                         f'expressions, got {layers!r}: {error}') from None
+    if not compiled:
+        raise ValueError(f'{owner}: layers is empty')
+    return compiled
+
+
 class GradStatsHook(Hook):
     """Record what Gradient Centralization does to the gradients.
 
@@ -232,19 +249,7 @@ class GradStatsHook(Hook):
             raise ValueError(
                 f'GradStatsHook: interval must be a positive int, got '
                 f'{interval!r}')
-        if isinstance(layers, str):
-            layers = [layers]
-        if layers is not None:
-            try:
-                self.layers = [re.compile(pattern) for pattern in layers]
-            except (TypeError, re.error) as error:
-                raise ValueError(
-                    'GradStatsHook: layers must be a list of regular '
-                    f'expressions, got {layers!r}: {error}') from None
-            if not self.layers:
-                raise ValueError('GradStatsHook: layers is empty')
-        else:
-            self.layers = None
+        self.layers = compile_layers('GradStatsHook', layers)
         self.interval = interval
         self._armed = False
         self._handle = None
@@ -612,19 +617,7 @@ class RIFLEHook(Hook):
         if not isinstance(by_epoch, bool):
             raise ValueError(
                 f'RIFLEHook: by_epoch must be True or False, got {by_epoch!r}')
-        if isinstance(layers, str):
-            layers = [layers]
-        if layers is not None:
-            try:
-                self.layers = [re.compile(pattern) for pattern in layers]
-            except (TypeError, re.error) as error:
-                raise ValueError(
-                    'RIFLEHook: layers must be a list of regular expressions, '
-                    f'got {layers!r}: {error}') from None
-            if not self.layers:
-                raise ValueError('RIFLEHook: layers is empty')
-        else:
-            self.layers = None
+        self.layers = compile_layers('RIFLEHook', layers)
         self.num_reinits = num_reinits
         self.by_epoch = by_epoch
         self.begin = begin
