@@ -176,7 +176,6 @@ def _row_means(grad: Tensor, out_dim: int, groups: int) -> Tensor:
     return grad.reshape(grad.shape[0], -1).mean(dim=1, dtype=torch.float64)
 
 
-@HOOKS.register_module()
 def compile_layers(owner: str, layers) -> Optional[list]:
     """``layers`` (a regex or a list of them, or None) compiled; a
     ValueError naming ``owner`` for anything else or an empty list."""
@@ -194,6 +193,7 @@ def compile_layers(owner: str, layers) -> Optional[list]:
     return compiled
 
 
+@HOOKS.register_module()
 class GradStatsHook(Hook):
     """Record what Gradient Centralization does to the gradients.
 
