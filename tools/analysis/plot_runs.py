@@ -79,8 +79,11 @@ def plot_group(ax, xs, mean, std, label, style, marker=None):
     color = style['color']
     ax.plot(xs, mean, label=label, marker=marker, markersize=4, **style)
     if np.isfinite(std).any():
-        ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2,
-                        linewidth=0)
+        if len(xs) == 1:  # a band of one point would not show: a bar
+            ax.errorbar(xs, mean, yerr=std, color=color, capsize=4)
+        else:
+            ax.fill_between(xs, mean - std, mean + std, color=color,
+                            alpha=0.2, linewidth=0)
 
 
 def _label(config, runs):
