@@ -176,6 +176,17 @@ def _row_means(grad: Tensor, out_dim: int, groups: int) -> Tensor:
     return grad.reshape(grad.shape[0], -1).mean(dim=1, dtype=torch.float64)
 
 
+def _optim_wrappers(runner) -> list:
+    """The runner's optim wrappers (those of an OptimWrapperDict); none
+    before it built one (a test-only run, whose weights come from a file)."""
+    optim_wrapper = getattr(runner, 'optim_wrapper', None)
+    if isinstance(optim_wrapper, OptimWrapperDict):
+        return list(optim_wrapper.values())
+    if isinstance(optim_wrapper, OptimWrapper):
+        return [optim_wrapper]
+    return []
+
+
 def compile_layers(owner: str, layers) -> Optional[list]:
     """``layers`` (a regex or a list of them, or None) compiled; a
     ValueError naming ``owner`` for anything else or an empty list."""
@@ -710,10 +721,8 @@ class RIFLEHook(Hook):
         for param in params:
             if param.grad is not None:
                 param.grad.zero_()
-        wrappers = (runner.optim_wrapper.values() if isinstance(
-            runner.optim_wrapper, OptimWrapperDict) else [runner.optim_wrapper])
         dropped = sum(_drop_optimizer_state(wrapper.optimizer, params)
-                      for wrapper in wrappers)
+                      for wrapper in _optim_wrappers(runner))
         self._done.append(runner.iter)
         runner.message_hub.update_info('rifle_reinit_iters', list(self._done))
         where = (f'epoch {runner.epoch}, ' if self._unit == 'epoch' else '')
@@ -727,14 +736,7 @@ class RIFLEHook(Hook):
 
 def _lookaheads(runner) -> list:
     """The Lookahead optimizers (Ranger included) the runner trains with."""
-    optim_wrapper = getattr(runner, 'optim_wrapper', None)
-    if isinstance(optim_wrapper, OptimWrapperDict):
-        wrappers = list(optim_wrapper.values())
-    elif isinstance(optim_wrapper, OptimWrapper):
-        wrappers = [optim_wrapper]
-    else:  # not built: a test-only run, whose weights come from a file
-        wrappers = []
-    return [wrapper.optimizer for wrapper in wrappers
+    return [wrapper.optimizer for wrapper in _optim_wrappers(runner)
             if isinstance(wrapper.optimizer, Lookahead)]
 
 
