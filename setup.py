@@ -59,11 +59,14 @@ def kernel_extensions():
                 self.extensions = []  # nothing to copy or install
 
     flags = run_module('kernels', 'flags.py')
-    extension = CppExtension(
-        'gc_mm.kernels._' + flags['module_name']('sgd'),
-        ['gc_mm/kernels/sgd.cpp'],
-        extra_compile_args=flags['cxx_flags']())
-    return [extension], {'build_ext': OptionalBuildExtension}
+    extensions = [
+        CppExtension('gc_mm.kernels._' + flags['module_name'](name),
+                     [f'gc_mm/kernels/{name}.cpp'],
+                     depends=['gc_mm/kernels/rows.h'],
+                     extra_compile_args=flags['cxx_flags']())
+        for name in flags['KERNELS']
+    ]
+    return extensions, {'build_ext': OptionalBuildExtension}
 
 
 ext_modules, cmdclass = kernel_extensions()
@@ -79,7 +82,7 @@ setup(
     license='Apache-2.0',
     packages=find_packages(include=['gc_mm', 'gc_mm.*']),
     # Sources, for kernels compiled on first use.
-    package_data={'gc_mm.kernels': ['*.cpp']},
+    package_data={'gc_mm.kernels': ['*.cpp', '*.h']},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires='>=3.9',

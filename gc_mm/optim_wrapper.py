@@ -25,7 +25,7 @@ Example::
         optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
         clip_grad=dict(max_norm=35, norm_type=2))
 """
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from .centralize import (centralize_, check_gc_mode, check_output_layout,
                          is_centralized)
 from .optimizers import GCOptimizer, inner_optimizer
+from .optimizers.fused import torch_step_with_gc
 
 GC_ORDERS = ('clip_then_gc', 'gc_then_clip')
 
@@ -122,6 +123,21 @@ class CentralizeGradsMixin:
         if self.gc_order == 'clip_then_gc':
             self._centralize(plan)
 
+    def _centralized_params(self) -> Optional[Dict[Tensor, bool]]:
+        """Whether each parameter's gradient is centralized along dim 0 by
+        this step's GC, or None if a group centralizes another layout
+        (transposed convs per output unit), which only centralize_ does."""
+        centralized = {}
+        for group in self.optimizer.param_groups:
+            gc_mode = self.group_gc_mode(group)
+            if gc_mode is not None and (group.get('gc_out_dim', 0) != 0
+                                        or group.get('gc_groups', 1) != 1):
+                return None
+            for param in group['params']:
+                if param.grad is not None:
+                    centralized[param] = is_centralized(param.grad, gc_mode)
+        return centralized
+
     @staticmethod
     def _centralize(plan: List[_GroupGC]) -> None:
         for grads, conv_only, out_dim, groups in plan:
@@ -153,6 +169,10 @@ class GCOptimWrapper(CentralizeGradsMixin, OptimWrapper):
                  **kwargs):
         super().__init__(optimizer=optimizer, **kwargs)
         self._setup_gc(gc_mode, gc_order)
+        # The first step goes through optimizer.step(), which makes torch's
+        # state and runs what schedulers wrapped around it (they check that
+        # it was called before their first step); later ones may be fused.
+        self._stepped = False
 
     def step(self, **kwargs):
         """Clip and centralize the gradients, then step the optimizer.
@@ -165,7 +185,20 @@ class GCOptimWrapper(CentralizeGradsMixin, OptimWrapper):
         """
         closure = kwargs.pop('closure', None)
         if closure is None:
-            self._clip_and_centralize(self._plan_gc())
+            plan = self._plan_gc()
+            if self.gc_order == 'gc_then_clip' or not self._stepped:
+                self._clip_and_centralize(plan)
+                self._stepped = True
+                return self.optimizer.step(**kwargs)
+            if self.clip_grad_kwargs:
+                self._clip_grad()
+            # torch's SGD, Adam or AdamW on CPU: GC inside the update, one
+            # pass over memory (gradients then left as backward made them).
+            centralized = self._centralized_params()
+            if (not kwargs and centralized is not None
+                    and torch_step_with_gc(self.optimizer, centralized)):
+                return None
+            self._centralize(plan)
             return self.optimizer.step(**kwargs)
 
         def clipped_and_centralized_closure():

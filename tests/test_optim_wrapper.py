@@ -393,3 +393,123 @@ def test_bad_param_group_keys_are_refused_when_built(key, value, match):
          dict(params=model.fc.parameters(), **{key: value})], lr=0.1)
     with pytest.raises(ValueError, match=match):
         GCOptimWrapper(optimizer)
+
+
+# GCOptimWrapper's own step of torch's SGD, Adam and AdamW on CPU (GC and
+# the update in one pass, gradients left as backward made them), against
+# the torch optimizer fed centralized gradients. conv, fc, bias, 1x1 conv.
+FUSED_SHAPES = [(6, 3, 3, 3), (5, 7), (5, ), (4, 6, 1, 1)]
+TORCH_OPTIMIZERS = {
+    'SGD-momentum-decay': (torch.optim.SGD,
+                           dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    'SGD-nesterov': (torch.optim.SGD, dict(lr=0.05, momentum=0.9,
+                                           nesterov=True, weight_decay=1e-3)),
+    'SGD-dampening': (torch.optim.SGD, dict(lr=0.1, momentum=0.8,
+                                            dampening=0.3)),
+    'SGD-plain': (torch.optim.SGD, dict(lr=0.1, weight_decay=0.1)),
+    'Adam-decay': (torch.optim.Adam, dict(lr=0.01, weight_decay=0.1)),
+    'Adam-amsgrad': (torch.optim.Adam, dict(lr=0.02, betas=(0.8, 0.99),
+                                            amsgrad=True)),
+    'AdamW': (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
+    'AdamW-amsgrad': (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05,
+                                              amsgrad=True, eps=1e-6)),
+}
+
+
+def twin_params(dtype, seed=1):
+    torch.manual_seed(seed)
+    weights = [torch.randn(s, dtype=dtype) for s in FUSED_SHAPES]
+    return ([nn.Parameter(w.clone()) for w in weights],
+            [nn.Parameter(w.clone()) for w in weights])
+
+
+def run_twins(wrapper, twin, wrapped_params, twin_params_, steps, clip=None,
+              seed=0):
+    """Steps the wrapper and its twin (the torch optimizer fed clipped,
+    then centralized gradients) on the same random gradients; returns
+    whether each step left the wrapper's gradients uncentralized (rows of
+    the conv weight's gradient with a mean far from 0)."""
+    torch.manual_seed(seed)
+    uncentralized = []
+    for _ in range(steps):
+        grads = [torch.randn_like(p) for p in wrapped_params]
+        for p, q, g in zip(wrapped_params, twin_params_, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        wrapper.step()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(twin_params_, clip)
+        gc_mm.centralize.centralize_([q.grad for q in twin_params_])
+        twin.step()
+        grad = wrapped_params[0].grad
+        row_means = grad.double().mean(dim=(1, 2, 3))
+        # Centralized, a row's mean is rounding: ~1e-9 in float32, ~1e-3 in
+        # bfloat16 (raw, ~0.2 here).
+        limit = 2e-2 if grad.dtype == torch.bfloat16 else 1e-5
+        uncentralized.append(bool(row_means.abs().max() > limit))
+    return uncentralized
+
+
+def assert_twins_equal(wrapper, twin, wrapped_params, twin_params_, tol):
+    for p, q in zip(wrapped_params, twin_params_):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
+    # torch's own state, as torch's step would have left it.
+    ours, theirs = wrapper.optimizer.state_dict(), twin.state_dict()
+    assert ours['state'].keys() == theirs['state'].keys()
+    for index, state in ours['state'].items():
+        assert state.keys() == theirs['state'][index].keys()
+        for key, value in state.items():
+            torch.testing.assert_close(value, theirs['state'][index][key],
+                                       rtol=tol, atol=tol, msg=key)
+
+
+@pytest.mark.skipif(gc_mm.kernels.installed('adaptive') is None
+                    or gc_mm.kernels.installed('sgd') is None,
+                    reason='the fused wrapper step needs the installed '
+                    'kernels')
+@pytest.mark.parametrize('name', list(TORCH_OPTIMIZERS))
+@pytest.mark.parametrize('implementation', ['fused', 'for-loop'])
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2e-6),
+                                       (torch.float64, 1e-12)])
+@pytest.mark.parametrize('clip', [None, 1.0])
+def test_fused_step_equals_torch_on_centralized_gradients(
+        name, implementation, dtype, tol, clip):
+    """After the first step (torch's own, which makes its state), the
+    wrapper steps torch's optimizer itself, in one pass, and leaves the
+    gradients uncentralized; parameters and torch's state stay equal to torch
+    fed clipped, centralized gradients, for 6 steps."""
+    cls, hp = TORCH_OPTIMIZERS[name]
+    options = dict(fused=True) if implementation == 'fused' else dict(
+        foreach=False)
+    wrapped, twin_ps = twin_params(dtype)
+    wrapper = GCOptimWrapper(
+        cls(wrapped, **options, **hp),
+        clip_grad=None if clip is None else dict(max_norm=clip))
+    twin = cls(twin_ps, **options, **hp)
+    uncentralized = run_twins(wrapper, twin, wrapped, twin_ps, 6, clip)
+    assert uncentralized == [False] + [True] * 5
+    assert_twins_equal(wrapper, twin, wrapped, twin_ps, tol)
+
+
+@pytest.mark.parametrize('why', ['step hook', 'maximize', 'bfloat16',
+                                 'gc_then_clip'])
+def test_fused_step_steps_aside_where_it_cannot(why):
+    """Where the one-pass step cannot stand in for torch's (a step hook it
+    would skip, an option it lacks, a dtype, GC before clipping), every
+    step centralizes the gradients and calls torch's
+    step: same numbers, hooks run."""
+    dtype = torch.bfloat16 if why == 'bfloat16' else torch.float32
+    hp = dict(lr=0.01, weight_decay=0.05, maximize=why == 'maximize')
+    wrapped, twin_ps = twin_params(dtype)
+    optimizer = torch.optim.AdamW(wrapped, **hp)
+    calls = []
+    if why == 'step hook':
+        optimizer.register_step_pre_hook(lambda *args: calls.append(1))
+    wrapper = GCOptimWrapper(
+        optimizer,
+        gc_order='gc_then_clip' if why == 'gc_then_clip' else 'clip_then_gc')
+    twin = torch.optim.AdamW(twin_ps, **hp)
+    uncentralized = run_twins(wrapper, twin, wrapped, twin_ps, 4)
+    assert uncentralized == [False] * 4
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
+    assert_twins_equal(wrapper, twin, wrapped, twin_ps, tol)
+    assert calls == ([1] * 4 if why == 'step hook' else [])

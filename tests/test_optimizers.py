@@ -48,8 +48,12 @@ def family(name):
 SGD_PATHS = {'default': {}, 'fused': {'fused': True},
              'foreach': {'foreach': True},
              'plain': {'fused': False, 'foreach': False}}
-# Adam_GC and Adam_GCC hand float32/float64 CPU and CUDA tensors to torch's
-# fused Adam; the rest (and every other Adam variant) take the plain path.
+# The Adam and Adagrad families: the C++ kernel on CPU (fused=True builds
+# it on first use where it was not installed) or the plain path; Adam_GC and
+# Adam_GCC also hand float32/float64 tensors to torch's fused Adam (on CUDA;
+# on CPU when the kernel is off and the tests let them).
+ADAPTIVE_PATHS = {'default': {}, 'fused': {'fused': True},
+                  'plain': {'fused': False}}
 TORCH_FUSED_NAMES = ('Adam_GC', 'Adam_GCC')
 
 
@@ -57,18 +61,18 @@ def paths(name):
     """Each implementation path of an optimizer, by name."""
     if name in SGD_NAMES:
         return list(SGD_PATHS)
-    return ['torch_fused', 'plain'] if name in TORCH_FUSED_NAMES else [
-        'plain']
+    torch_fused = ['torch_fused'] if name in TORCH_FUSED_NAMES else []
+    return ['fused', *torch_fused, 'plain']
 
 
 def take_path(name, path, monkeypatch):
     """Send the next steps of ``name`` down ``path``: the options to build
-    it with (SGD), or the devices torch's fused Adam is used on (Adam)."""
+    it with, and (Adam) the devices torch's fused Adam is used on."""
     if name in SGD_NAMES:
         return dict(SGD_PATHS[path])
     monkeypatch.setattr(gc_mm.optimizers.adam, '_TORCH_FUSED_ADAM_DEVICES',
                         ('cpu', 'cuda') if path == 'torch_fused' else ())
-    return {}
+    return {'fused': path == 'fused'}
 
 
 def all_paths():
@@ -79,8 +83,9 @@ def all_paths():
 def cases():
     for name in ALL_NAMES:
         for i, hp in enumerate(HYPER_PARAMS[family(name)]):
-            for path in SGD_PATHS if name in SGD_NAMES else ['default']:
-                yield pytest.param(name, {**hp, **SGD_PATHS.get(path, {})},
+            options = SGD_PATHS if name in SGD_NAMES else ADAPTIVE_PATHS
+            for path, path_options in options.items():
+                yield pytest.param(name, {**hp, **path_options},
                                    id=f'{name}-{i}-{path}')
 
 
@@ -209,18 +214,24 @@ TORCH_EQUIVALENTS = [
 
 @pytest.mark.parametrize('name,hp,torch_cls,tol', TORCH_EQUIVALENTS)
 @pytest.mark.parametrize('gc_mode', ['class', None])
+@pytest.mark.parametrize('path', ['plain', 'fused'])
 def test_equal_to_torch_where_formulas_coincide(name, hp, torch_cls, tol,
-                                                gc_mode):
+                                                gc_mode, path):
     """1-D tensors are never centralized, and with gc_mode=None nothing is:
-    then SGD_GC, Adam_GC and Adagrad_GC are torch's SGD, Adam and Adagrad."""
+    then SGD_GC, Adam_GC and Adagrad_GC are torch's SGD, Adam and Adagrad.
+    The plain path does torch's arithmetic in torch's order: bit-equal for
+    SGD and Adagrad. The C++ kernel (built on first use where it was not
+    installed) agrees to float32 rounding."""
     shapes = [(7, )] if gc_mode == 'class' else SHAPES
     weights = initial_weights(shapes=shapes)
     grads = gradients(shapes=shapes)
     extra = {} if gc_mode == 'class' else {'gc_mode': None}
-    # The plain path does torch's arithmetic in torch's order: bit-equal.
-    # (The fast path agrees with the plain path to rounding, tested above.)
-    if name in SGD_NAMES:
-        extra.update(SGD_PATHS['plain'])
+    if path == 'plain':
+        extra.update(SGD_PATHS['plain'] if name in SGD_NAMES else
+                     {'fused': False})
+    else:
+        extra['fused'] = True
+        tol = max(tol, 1e-6)
     got, _ = run_gc_mm(name, hp, torch.float32, weights, grads, **extra)
     params = [torch.tensor(w, dtype=torch.float32, requires_grad=True)
               for w in weights]
@@ -381,17 +392,17 @@ def test_half_precision_keeps_float32_statistics(name, dtype, tol):
 @pytest.mark.parametrize('name', TORCH_FUSED_NAMES)
 @pytest.mark.parametrize('path', ['torch_fused', 'plain'])
 def test_adam_gc_paths_match_reference(name, path, monkeypatch):
-    """Adam_GC(C) hands the update to torch's fused Adam (its public
-    functional API) on CPU and CUDA and takes the plain path elsewhere;
-    both match the reference."""
+    """Adam_GC(C) without the kernel hands the update to torch's fused
+    Adam (its public functional API) on CPU and CUDA and takes the plain
+    path elsewhere; both match the reference."""
     calls = []
     original = gc_mm.optimizers.adam.adam
     monkeypatch.setattr(gc_mm.optimizers.adam, 'adam', lambda *args, **kw: (
         calls.append((len(args[0]), kw['fused'])), original(*args, **kw)))
-    take_path(name, path, monkeypatch)
+    options = take_path(name, path, monkeypatch)
     for hp in HYPER_PARAMS['adam']:
         weights, grads = initial_weights(), gradients()
-        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads)
+        got, _ = run_gc_mm(name, hp, torch.float64, weights, grads, **options)
         want = run_reference(name, hp, weights, grads)
         for g, w, shape in zip(got, want, SHAPES):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12,
@@ -570,6 +581,8 @@ def grad_after_step(name, dtype, path):
         options = {'fused': None, 'foreach': None, **SGD_PATHS[path]}
         if gc_mm.optimizers.sgd.SGD_GC.path(options, True) != 'plain':
             return 'g'
+    elif path == 'fused':  # the kernel of the adaptive families
+        return 'g'
     return 'P(g)' if name.startswith(('AdamW', 'SGDW')) else 'P(g + wd*w)'
 
 

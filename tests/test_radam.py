@@ -190,13 +190,16 @@ CASES = {
 @pytest.mark.parametrize('case', list(CASES))
 @pytest.mark.parametrize('dtype,tol', [(F64, 1e-12), (F32, 2e-5),
                                        (BF16, 3e-2)])
-def test_ranger_matches_reference_for_20_steps(case, dtype, tol):
+@pytest.mark.parametrize('fused', [True, False])
+def test_ranger_matches_reference_for_20_steps(case, dtype, tol, fused):
     """GC and Lookahead (k=6), groups with different betas, 20 steps across
-    the rho_t <= 5 boundary and three synchronizations."""
+    the rho_t <= 5 boundary and three synchronizations; the rectified steps
+    on the C++ kernel (built on first use where it was not installed) or on
+    the plain path."""
     hp = dict(lr=0.01, **CASES[case])
     weights, grads = initial_weights(dtype=dtype), gradients(20)
-    params, opt = build(dict(type='Ranger', **hp), weights, dtype,
-                        groups=GROUPS)
+    params, opt = build(dict(type='Ranger', fused=fused, **hp), weights,
+                        dtype, groups=GROUPS)
     run(opt, params, grads, dtype)
     want = radam_reference(dict(hp, _ranger=True), weights, grads, GROUPS)
     for p, w, shape in zip(params, want, SHAPES):

@@ -310,8 +310,8 @@ def test_fused_path_splits_rows_among_threads_and_gives_the_same_bits():
             # elements of another.
             for centralized in (True, False):
                 w, g = torch.randn(96, 1024), torch.randn(96, 1024)
-                kernel.sgd_gc_step(w, g, None, centralized, 0.1, 0., 0., 0.,
-                                   False, False, False)
+                kernel.sgd_gc_step(w, g, None, centralized, 0.1, 0., 'none',
+                                   0., 0., False, False)
                 used.append(kernel.last_step_threads())
     finally:
         torch.set_num_threads(threads)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from mmengine.logging import print_log
 
-from .flags import cxx_flags, module_name
+from .flags import KERNELS, cxx_flags, module_name
 
 
 @functools.cache

@@ -7,21 +7,29 @@ Update rule (t = step, P = GC under the optimizer's gc_mode)::
     clr = lr / (1 + (t - 1) * lr_decay)
     w = w - clr * g' / (sqrt(sum) + eps)
 
-After ``step()``, ``p.grad`` of a float32/float64 parameter holds g' (as in
-the authors' code); a half-precision one keeps what backward left.
+On CPU the C++ kernel (gc_mm/kernels/adaptive.cpp) does the whole step
+in one pass over memory where it was compiled at install, or with
+``fused=True``; elsewhere the plain path, tensor by tensor.
+
+After ``step()``, ``p.grad`` is as backward left it on the kernel and for
+half-precision parameters; on the plain path it holds g' (as in the
+authors' code).
 
 Example::
 
     optim_wrapper = dict(optimizer=dict(type='Adagrad_GCC', lr=0.01))
 """
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 
+from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_,
-                   check_non_negative)
+                   check_non_negative, group_layout)
+from .fused import (KERNEL_DTYPES, adaptive_step, check_fused_option,
+                    kernel_path, kernel_takes)
 
 
 class _AdagradBase(GCOptimizer):
@@ -37,7 +45,13 @@ class _AdagradBase(GCOptimizer):
         eps (float): added to the denominator. Defaults to 1e-10.
         gc_mode (str | None): 'conv_fc', 'conv' or None (GC off); defaults to
             the class's rule. A param group may set its own.
+        fused (bool | None): the C++ kernel, for CPU parameters. None: where
+            it was compiled at install; True: always (compiled on first use
+            if need be); False: never. Defaults to None.
     """
+
+    path_options = ('fused', )
+    kernel = 'adaptive'
 
     def __init__(self,
                  params,
@@ -46,33 +60,79 @@ class _AdagradBase(GCOptimizer):
                  weight_decay: float = 0.,
                  initial_accumulator_value: float = 0.,
                  eps: float = 1e-10,
-                 gc_mode: Optional[str] = CLASS_RULE):
+                 gc_mode: Optional[str] = CLASS_RULE,
+                 fused: Optional[bool] = None):
         defaults = dict(
             lr=lr,
             lr_decay=lr_decay,
             weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value,
             eps=eps,
-            gc_mode=gc_mode)
+            gc_mode=gc_mode,
+            fused=fused)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
         check_non_negative(group, 'lr', 'lr_decay', 'weight_decay',
                            'initial_accumulator_value', 'eps')
+        check_fused_option(group)
 
-    def _update_tensor(self, param: Tensor, grad: Tensor,
-                       state: Dict[str, Tensor], group: dict) -> None:
+    @staticmethod
+    def _init_state(state: dict, param: Tensor, group: dict) -> None:
         if not state:
             state['step'] = 0
             state['sum'] = torch.full_like(
                 param, group['initial_accumulator_value'])
+
+    def _update_group(self, group: dict, params: List[Tensor]) -> None:
+        kernel = (kernel_path(group['fused'])
+                  and group_layout(group) == dict(out_dim=0, groups=1))
+        plain = []
+        for param in params:
+            if kernel and self._kernel_takes(param, group):
+                self._update_kernel(param, group)
+            else:
+                plain.append(param)
+        if plain:
+            super()._update_group(group, plain)
+
+    def _kernel_takes(self, param: Tensor, group: dict) -> bool:
+        if param.dtype not in KERNEL_DTYPES or not param.is_cpu:
+            return False  # half precision keeps a float32 sum: plain path
+        state = self.state[param]
+        self._init_state(state, param, group)
+        if kernel_takes(param, param.grad, state['sum']):
+            return True
+        # A sum made before the parameter changed layout follows it.
+        state['sum'] = self._like(param, state['sum'])
+        return kernel_takes(param, param.grad, state['sum'])
+
+    def _update_kernel(self, param: Tensor, group: dict) -> None:
+        """The C++ kernel: no first moment, sum = 1 * sum + 1 * g'^2."""
+        state = self.state[param]
+        state['step'] += 1
+        centralized = is_centralized(param, group['gc_mode'])
+        adaptive_step(
+            param, param.grad, None, state['sum'], None,
+            center='gradient' if centralized else 'none',
+            weight_decay=group['weight_decay'], decay='inside_gc', beta1=0.,
+            beta2=1., new2=1., denom_scale=1., eps=group['eps'],
+            step_size=self._clr(state['step'], group))
+
+    @staticmethod
+    def _clr(step: int, group: dict) -> float:
+        return group['lr'] / (1 + (step - 1) * group['lr_decay'])
+
+    def _update_tensor(self, param: Tensor, grad: Tensor,
+                       state: Dict[str, Tensor], group: dict) -> None:
+        self._init_state(state, param, group)
         state['step'] += 1
         # In place, as in the authors' code (a copy would add a pass to the
         # step): p.grad of a float32/float64 parameter then holds g'.
         if group['weight_decay']:
             grad.add_(param, alpha=group['weight_decay'])
         centralize_group_([grad], group)
-        clr = group['lr'] / (1 + (state['step'] - 1) * group['lr_decay'])
+        clr = self._clr(state['step'], group)
         state['sum'].addcmul_(grad, grad, value=1)
         std = state['sum'].sqrt().add_(group['eps'])
         param.addcdiv_(grad, std, value=-clr)

@@ -13,17 +13,20 @@ optimizer's gc_mode, v is max(v) over time with amsgrad)::
     AdamW_GC2 / AdamW_GCC2:  moments from g;
                              w = w - P(lr sqrt(bc2) / bc1 * (wd w + m / (sqrt(v) + eps)))
 
-Adam_GC and Adam_GCC are torch's Adam fed with ``P(g + wd * w)``: on CPU
-and CUDA the decay and GC run in place on the gradients and torch's fused
-Adam does the rest. Elsewhere, for half-precision tensors and for a
-gradient whose strides differ from its parameter's, the plain path (the
-authors' loop, tensor by tensor) does it all.
+Paths: on CPU every variant takes the C++ kernel
+(gc_mm/kernels/adaptive.cpp, :mod:`gc_mm.optimizers.fused`: decay, GC,
+moments and update in one pass over memory) where it was compiled at
+install, or with ``fused=True``. On CUDA, Adam_GC and Adam_GCC are torch's
+fused Adam fed with ``P(g + wd * w)`` (decay and GC in place on the
+gradients). Everything else (half precision, a gradient or state whose
+layout differs from its parameter's, ``fused=False``, the other variants
+off the CPU) takes the plain path, the authors' loop tensor by tensor.
 
-After ``step()``, ``p.grad`` of a float32/float64 parameter holds what the
-moments were fed, as in the authors' code: ``P(g + wd * w)`` (Adam_GC,
-Adam_GCC) or ``P(g)`` (AdamW_GC, AdamW_GCC). The "2" variants, and every
-half-precision parameter (updated through a float32 copy), leave it as
-backward left it.
+After ``step()``, ``p.grad`` is as backward left it on the kernel, for the
+"2" variants and for half-precision parameters (updated through a float32
+copy). Elsewhere it holds what the moments were fed, centralized in place
+as in the authors' code: ``P(g + wd * w)`` (Adam_GC, Adam_GCC) or ``P(g)``
+(AdamW_GC, AdamW_GCC).
 
 The AdamW here is the authors' (decay scaled by sqrt(bc2)/bc1, eps added to
 the uncorrected sqrt(v)), not ``torch.optim.AdamW``. The "2" variants
@@ -45,7 +48,9 @@ from torch.optim.adam import adam
 
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
-                   check_non_negative)
+                   check_non_negative, group_layout)
+from .fused import (KERNEL_DTYPES, adaptive_step, check_fused_option,
+                    kernel_path, kernel_takes)
 
 # Devices where Adam_GC hands the update to torch's fused Adam (one kernel
 # per tensor for moments and update).
@@ -81,6 +86,10 @@ class _AdamBase(GCOptimizer):
             Defaults to False.
         gc_mode (str | None): 'conv_fc', 'conv' or None (GC off); defaults to
             the class's rule. A param group may set its own.
+        fused (bool | None): the C++ kernel, for CPU parameters. None: where
+            it was compiled at install; True: always (compiled on first use
+            if need be); False: never. Defaults to None. It chooses a path,
+            not the maths.
     """
 
     # The authors' AdamW: decay added to the update, scaled by sqrt(bc2)/bc1.
@@ -95,36 +104,88 @@ class _AdamBase(GCOptimizer):
                  eps: float = 1e-8,
                  weight_decay: float = 0.,
                  amsgrad: bool = False,
-                 gc_mode: Optional[str] = CLASS_RULE):
+                 gc_mode: Optional[str] = CLASS_RULE,
+                 fused: Optional[bool] = None):
         defaults = dict(
             lr=lr,
             betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
-            gc_mode=gc_mode)
+            gc_mode=gc_mode,
+            fused=fused)
         super().__init__(params, defaults)
+
+    path_options = ('fused', )
+    kernel = 'adaptive'
 
     def _check_group(self, group: dict) -> None:
         check_non_negative(group, 'lr', 'eps', 'weight_decay')
         check_betas(group)
+        check_fused_option(group)
 
     def _update_group(self, group: dict, params: List[Tensor]) -> None:
-        # Adam_GC and Adam_GCC are torch's Adam fed with P(g + wd * w): the
-        # decay and GC in place on the gradients, then torch's fused Adam.
-        # The authors' AdamW and the "2" variants have other update rules.
-        if self.decoupled_weight_decay or self.centralize_update:
-            return super()._update_group(group, params)
-        fused, plain = {}, []
+        kernel = (kernel_path(group['fused'])
+                  and group_layout(group) == dict(out_dim=0, groups=1))
+        # Adam_GC and Adam_GCC off the CPU are torch's Adam fed with
+        # P(g + wd * w): the decay and GC in place on the gradients, then
+        # torch's fused Adam. The authors' AdamW and the "2" variants have
+        # other update rules.
+        torch_fused = not (self.decoupled_weight_decay
+                           or self.centralize_update)
+        on_kernel, on_torch_fused, plain = [], {}, []
         for param in params:
-            if _fits_torch_fused(param):
-                fused.setdefault((param.device, param.dtype), []).append(param)
+            if kernel and param.is_cpu and self._kernel_takes(param, group):
+                on_kernel.append(param)
+            elif torch_fused and _fits_torch_fused(param):
+                on_torch_fused.setdefault((param.device, param.dtype),
+                                          []).append(param)
             else:
                 plain.append(param)
-        for tensors in fused.values():
+        for param in on_kernel:
+            self._update_kernel(param, group)
+        for tensors in on_torch_fused.values():
             self._update_fused(group, tensors)
         if plain:
             super()._update_group(group, plain)
+
+    def _kernel_takes(self, param: Tensor, group: dict) -> bool:
+        if param.dtype not in KERNEL_DTYPES:
+            return False  # half precision keeps float32 moments: plain path
+        state = self.state[param]
+        self._init_state(state, param, group)
+        keys = [key for key in ('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq')
+                if key in state]
+        if kernel_takes(param, param.grad, *(state[key] for key in keys)):
+            return True
+        # Moments made before the parameter changed layout follow it.
+        for key in keys:
+            state[key] = self._like(param, state[key])
+        return kernel_takes(param, param.grad, *(state[key] for key in keys))
+
+    def _update_kernel(self, param: Tensor, group: dict) -> None:
+        """The C++ kernel: this variant's rule as the kernel's numbers."""
+        state = self.state[param]
+        state['step'] += 1
+        beta1, beta2 = group['betas']
+        bias_correction1 = 1 - beta1**state['step']
+        bias_correction2 = 1 - beta2**state['step']
+        centralized = is_centralized(param, group['gc_mode'])
+        if self.decoupled_weight_decay:  # the authors' AdamW
+            decay, denom_scale = 'in_update', 1.
+            step_size = (group['lr'] * math.sqrt(bias_correction2) /
+                         bias_correction1)
+        else:
+            decay, denom_scale = 'inside_gc', 1 / math.sqrt(bias_correction2)
+            step_size = group['lr'] / bias_correction1
+        center = ('none' if not centralized else
+                  'update' if self.centralize_update else 'gradient')
+        adaptive_step(param, param.grad, state['exp_avg'],
+                      state['exp_avg_sq'], state.get('max_exp_avg_sq'),
+                      center=center, weight_decay=group['weight_decay'],
+                      decay=decay, beta1=beta1, beta2=beta2,
+                      denom_scale=denom_scale, eps=group['eps'],
+                      step_size=step_size)
 
     def _update_fused(self, group: dict, params: List[Tensor]) -> None:
         grads = [param.grad for param in params]

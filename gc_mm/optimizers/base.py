@@ -6,12 +6,13 @@ A family module (sgd.py, adam.py, adagrad.py) subclasses
 ``_update_tensor`` (the per-tensor maths, the plain path).
 """
 from itertools import chain
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import kernels
 from ..centralize import centralize_, check_gc_mode, check_output_layout
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -77,6 +78,9 @@ class GCOptimizer(Optimizer):
     # Group keys that choose a code path, not the maths; on load the
     # running optimizer's values win over the checkpoint's.
     path_options: tuple = ()
+    # The family's C++ kernel (gc_mm/kernels/<kernel>.cpp), which a group's
+    # ``fused=True`` asks for.
+    kernel: Optional[str] = None
 
     def __init__(self, params, defaults: dict):
         if defaults['gc_mode'] is CLASS_RULE:
@@ -200,6 +204,13 @@ class GCOptimizer(Optimizer):
                 f'{index}, shape {tuple(param.shape)}): GC is undefined for '
                 'sparse gradients')
         self._check_dtype(param, index)
+        if self.kernel is not None and group.get('fused'):
+            # Built (or loaded) now, before any parameter moves.
+            try:
+                kernels.load(self.kernel)
+            except RuntimeError as error:
+                raise RuntimeError(f'{type(self).__name__} fused (C++ '
+                                   f'kernel) path: {error}') from error
 
     def _params_with_grad(self, group: dict) -> List[Tensor]:
         return [p for p in group['params'] if p.grad is not None]

@@ -28,11 +28,16 @@ update is never written into the first moment (``m`` is only read, and the
 un-adapted step of ``gc_loc='update'`` centralizes a copy); ``step(closure)``
 uses the gradients the closure computes; the state dict resumes bit-exact.
 
-After ``step()``, ``p.grad`` of a float32/float64 parameter holds what the
-moments were fed with ``gc_loc='gradient'`` (``P(g + wd * w)`` coupled,
-``P(g)`` decoupled), centralized in place as in the authors' code; with
-``gc_loc='update'``, and for half-precision parameters (updated through a
-float32 copy, with float32 moments), it is left as backward left it.
+On CPU the rectified steps take the C++ kernel (gc_mm/kernels/adaptive.cpp:
+decay, GC, moments and update in one pass over memory) where it was
+compiled at install, or with ``fused=True``; the un-adapted first steps,
+half-precision tensors and ``fused=False`` take the plain path.
+
+After ``step()``, ``p.grad`` is as backward left it on the kernel, with
+``gc_loc='update'`` and for half-precision parameters (updated through a
+float32 copy, with float32 moments). On the plain path with
+``gc_loc='gradient'`` it holds what the moments were fed (``P(g + wd * w)``
+coupled, ``P(g)`` decoupled), centralized in place as in the authors' code.
 
 Example::
 
@@ -43,7 +48,7 @@ Example::
         decoupled_weight_decay=True, gc_loc='update'))
 """
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from mmengine.registry import OPTIMIZERS
@@ -51,7 +56,9 @@ from torch import Tensor
 
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
-                   check_non_negative)
+                   check_non_negative, group_layout)
+from .fused import (KERNEL_DTYPES, adaptive_step, check_fused_option,
+                    kernel_path, kernel_takes)
 from .lookahead import Lookahead
 
 GC_LOCS = ('gradient', 'update')
@@ -92,6 +99,10 @@ class RAdam_GC(GCOptimizer):
             Ranger) or 'update' (centralize the final step, which keeps the
             row means of the weights fixed without decay). Defaults to
             'gradient'.
+        fused (bool | None): the C++ kernel for the rectified steps of CPU
+            parameters. None: where it was compiled at install; True:
+            always (compiled on first use if need be); False: never.
+            Defaults to None.
 
     Every option may be set per param group.
     """
@@ -106,7 +117,8 @@ class RAdam_GC(GCOptimizer):
                  weight_decay: float = 0.,
                  decoupled_weight_decay: bool = False,
                  gc_mode: Optional[str] = CLASS_RULE,
-                 gc_loc: str = 'gradient'):
+                 gc_loc: str = 'gradient',
+                 fused: Optional[bool] = None):
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -114,8 +126,12 @@ class RAdam_GC(GCOptimizer):
             weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             gc_mode=gc_mode,
-            gc_loc=gc_loc)
+            gc_loc=gc_loc,
+            fused=fused)
         super().__init__(params, defaults)
+
+    path_options = ('fused', )
+    kernel = 'adaptive'
 
     def _check_group(self, group: dict) -> None:
         check_non_negative(group, 'lr', 'eps', 'weight_decay')
@@ -127,6 +143,64 @@ class RAdam_GC(GCOptimizer):
             raise ValueError(f"gc_loc must be 'gradient' (centralize the "
                              f"gradient) or 'update' (centralize the step), "
                              f"got {group['gc_loc']!r}")
+        check_fused_option(group)
+
+    @staticmethod
+    def _init_state(state: dict, param: Tensor) -> None:
+        if not state:
+            state['step'] = 0
+            state['exp_avg'] = torch.zeros_like(param)
+            state['exp_avg_sq'] = torch.zeros_like(param)
+
+    def _update_group(self, group: dict, params: List[Tensor]) -> None:
+        kernel = (kernel_path(group['fused'])
+                  and group_layout(group) == dict(out_dim=0, groups=1))
+        plain = []
+        for param in params:
+            if kernel and self._kernel_takes(param, group):
+                self._update_kernel(param, group)
+            else:
+                plain.append(param)
+        if plain:
+            super()._update_group(group, plain)
+
+    def _kernel_takes(self, param: Tensor, group: dict) -> bool:
+        """Whether the kernel makes this step: a rectified one (the
+        un-adapted first steps are a different rule, on the plain path) of
+        a float32/float64 CPU tensor."""
+        if param.dtype not in KERNEL_DTYPES or not param.is_cpu:
+            return False
+        state = self.state[param]
+        self._init_state(state, param)
+        if rectification(group['betas'][1], state['step'] + 1) is None:
+            return False
+        if kernel_takes(param, param.grad, state['exp_avg'],
+                        state['exp_avg_sq']):
+            return True
+        # Moments made before the parameter changed layout follow it.
+        for key in ('exp_avg', 'exp_avg_sq'):
+            state[key] = self._like(param, state[key])
+        return kernel_takes(param, param.grad, state['exp_avg'],
+                            state['exp_avg_sq'])
+
+    def _update_kernel(self, param: Tensor, group: dict) -> None:
+        """A rectified step in the C++ kernel: u = m / (sqrt(v) + eps),
+        scaled by lr r_t sqrt(bc2) / bc1."""
+        state = self.state[param]
+        state['step'] += 1
+        step = state['step']
+        beta1, beta2 = group['betas']
+        centralized = is_centralized(param, group['gc_mode'])
+        center = 'none' if not centralized else group['gc_loc']
+        adaptive_step(
+            param, param.grad, state['exp_avg'], state['exp_avg_sq'], None,
+            center=center, weight_decay=group['weight_decay'],
+            decay=('decoupled' if group['decoupled_weight_decay'] else
+                   'inside_gc'), beta1=beta1, beta2=beta2, denom_scale=1.,
+            eps=group['eps'],
+            step_size=(group['lr'] * rectification(beta2, step) *
+                       math.sqrt(1 - beta2**step) / (1 - beta1**step)),
+            lr=group['lr'])
 
     def _update_tensor(self, param: Tensor, grad: Tensor,
                        state: Dict[str, Tensor], group: dict) -> None:
@@ -137,10 +211,7 @@ class RAdam_GC(GCOptimizer):
         centralized = is_centralized(param, group['gc_mode'])
         on_gradient = centralized and group['gc_loc'] == 'gradient'
         on_update = centralized and group['gc_loc'] == 'update'
-        if not state:
-            state['step'] = 0
-            state['exp_avg'] = torch.zeros_like(param)
-            state['exp_avg_sq'] = torch.zeros_like(param)
+        self._init_state(state, param)
         state['step'] += 1
         step = state['step']
 
@@ -202,6 +273,7 @@ class Ranger(Lookahead):
         gc_loc (str): Defaults to 'gradient'.
         k (int): inner steps between synchronizations. Defaults to 6.
         alpha (float): slow-weight step. Defaults to 0.5.
+        fused (bool | None): RAdam_GC's ``fused``. Defaults to None.
     """
 
     def __init__(self,
@@ -214,7 +286,8 @@ class Ranger(Lookahead):
                  gc_mode: Optional[str] = 'conv_fc',
                  gc_loc: str = 'gradient',
                  k: int = 6,
-                 alpha: float = 0.5):
+                 alpha: float = 0.5,
+                 fused: Optional[bool] = None):
         super().__init__(
             params,
             optimizer=dict(
@@ -225,6 +298,7 @@ class Ranger(Lookahead):
                 weight_decay=weight_decay,
                 decoupled_weight_decay=decoupled_weight_decay,
                 gc_mode=gc_mode,
-                gc_loc=gc_loc),
+                gc_loc=gc_loc,
+                fused=fused),
             k=k,
             alpha=alpha)

@@ -47,6 +47,7 @@ from .. import kernels
 from ..centralize import centralize_, is_centralized
 from .base import (CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative,
                    group_layout)
+from .fused import KERNEL_DTYPES, rows_order
 
 # What each path is called in errors and in docs/benchmark.md.
 PATH_NAMES = {
@@ -54,25 +55,6 @@ PATH_NAMES = {
     'multi_tensor': 'multi-tensor (foreach)',
     'plain': 'plain (single-tensor)',
 }
-# The dtypes the kernel is compiled for (AT_DISPATCH_FLOATING_TYPES).
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-
-
-def _rows_order(tensor: Tensor) -> Optional[List[int]]:
-    """The dims of ``tensor`` in memory order, dim 0 first, if the tensor
-    is contiguous under that permutation (e.g. channels_last: 0, 2, 3, 1),
-    else None.
-
-    GC's rows are the slices of dim 0 and SGD's update is elementwise, so
-    the fast paths work on such a permuted view as on a contiguous tensor:
-    each row is one block of memory, in whatever order it holds its
-    elements.
-    """
-    if tensor.is_contiguous():
-        return list(range(tensor.ndim))
-    order = [0] + sorted(range(1, tensor.ndim),
-                         key=lambda dim: tensor.stride(dim), reverse=True)
-    return order if tensor.permute(order).is_contiguous() else None
 
 
 def _fast_path_takes(param: Tensor, grad: Tensor,
@@ -81,7 +63,7 @@ def _fast_path_takes(param: Tensor, grad: Tensor,
     non-empty float32/float64 tensor whose gradient and momentum buffer
     share its memory layout, with each row one block of memory. (Half
     precision takes the plain path, which does its maths in float32.)"""
-    if param.dtype not in _KERNEL_DTYPES or param.numel() == 0:
+    if param.dtype not in KERNEL_DTYPES or param.numel() == 0:
         return False
     if buf is not None and (buf.dtype != param.dtype
                             or buf.device != param.device):
@@ -89,7 +71,7 @@ def _fast_path_takes(param: Tensor, grad: Tensor,
     tensors = (grad, ) if buf is None else (grad, buf)
     if param.is_contiguous():
         return all(t.is_contiguous() for t in tensors)
-    order = _rows_order(param)
+    order = rows_order(param)
     return order is not None and all(
         t.permute(order).is_contiguous() for t in tensors)
 
@@ -198,7 +180,7 @@ def _multi_tensor_sgd_gc(params: List[Tensor], grads: List[Tensor],
         # one matrix of rows, one reduction for the whole batch. Each
         # gradient is copied in its memory order (its rows stay rows), and
         # its direction is a view with its parameter's shape and layout.
-        orders = [_rows_order(param) for param in batch_params]
+        orders = [rows_order(param) for param in batch_params]
         flat = torch.cat([
             grads[i].permute(order).reshape(-1)
             for i, order in zip(batch, orders)
@@ -241,11 +223,11 @@ def _fused_sgd_gc(params: List[Tensor], grads: List[Tensor],
             buf = torch.empty_like(param)
         tensors = (param, grad, buf)
         if not param.is_contiguous():  # the kernel takes rows in memory
-            order = _rows_order(param)
+            order = rows_order(param)
             tensors = [t if t is None else t.permute(order) for t in tensors]
         step(*tensors, is_centralized(param, gc_mode), lr, weight_decay,
-             momentum, dampening, nesterov, decoupled_weight_decay,
-             first_step)
+             'decoupled' if decoupled_weight_decay else 'inside_gc',
+             momentum, dampening, nesterov, first_step)
         momentum_buffers[i] = buf
 
 
@@ -302,6 +284,7 @@ class _SGDBase(GCOptimizer):
 
     decoupled_weight_decay = False
     path_options = ('fused', 'foreach')
+    kernel = 'sgd'
 
     def __init__(self,
                  params,
@@ -360,14 +343,6 @@ class _SGDBase(GCOptimizer):
     def _check_param(self, param: Tensor, group: dict, index: int) -> None:
         super()._check_param(param, group, index)
         self._check_device(param, group, index)
-        if group['fused']:
-            # Built (or loaded) now, before any parameter moves.
-            try:
-                kernels.load('sgd')
-            except RuntimeError as error:
-                raise RuntimeError(f"{type(self).__name__} "
-                                   f"{PATH_NAMES['fused']} path: {error}"
-                                   ) from error
 
     def _check_device(self, param: Tensor, group: dict, index: int) -> None:
         if group['fused'] is True and not param.is_cpu:

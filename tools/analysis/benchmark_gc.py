@@ -13,10 +13,11 @@ difference over the iteration time is GC's overhead per iteration.
     python tools/analysis/benchmark_gc.py --device cuda
     python tools/analysis/benchmark_gc.py --config configs/faster_rcnn_x101_64x4d.py
     python tools/analysis/benchmark_gc.py --e2e 20 --skip-steps
-    python tools/analysis/benchmark_gc.py --families radam      # RAdam, Ranger
+    python tools/analysis/benchmark_gc.py --families adamw --only AdamW_GC
 """
 import argparse
 import json
+import re
 import os.path as osp
 import platform
 import statistics
@@ -24,6 +25,7 @@ import time
 
 import torch
 from mmengine.config import Config
+from torch.profiler import ProfilerActivity, profile
 
 import gc_mm
 from gc_mm import GCOptimWrapper, kernels
@@ -108,44 +110,55 @@ class AuthorsAdam_GC(torch.optim.Optimizer):
 
 SGD = dict(lr=0.02, momentum=0.9, weight_decay=1e-4)
 ADAM = dict(lr=1e-4, weight_decay=1e-4)
+ADAGRAD = dict(lr=1e-2, weight_decay=1e-4)
 # Ranger's hyper-parameters, decay decoupled (torch's RAdamW) everywhere.
 RADAM = dict(lr=1e-3, betas=(0.95, 0.999), eps=1e-5, weight_decay=1e-4,
              decoupled_weight_decay=True)
 # RAdam's first five steps (b2 = 0.999) are un-adapted, and cheaper: the
 # radam family's warm-up covers them, so every timed step is rectified.
 RADAM_RECTIFIED_FROM = 6
+FAMILIES = ('sgd', 'adam', 'adamw', 'adagrad', 'radam')
 
 
-def torch_fuses_on(device: torch.device) -> bool:
-    """Whether torch.optim has fused (one kernel per step) SGD and Adam for
-    tensors on this device (CPU and CUDA in torch 2.13)."""
+def torch_fuses(cls, device: torch.device) -> bool:
+    """Whether torch.optim's ``cls`` has a fused (one kernel per step)
+    implementation for tensors on this device."""
     param = torch.zeros(1, device=device, requires_grad=True)
     param.grad = torch.zeros_like(param)
-    try:  # torch checks the device in the first step
-        torch.optim.SGD([param], lr=0.1, fused=True).step()
-    except RuntimeError:
+    try:  # torch checks the device in the constructor or the first step
+        cls([param], lr=0.1, fused=True).step()
+    except (RuntimeError, ValueError, TypeError):  # TypeError: no fused=
         return False
     return True
 
 
-def variants(family: str, device: torch.device):
-    """name -> function(params) returning an optimizer or optim wrapper."""
-    reg = gc_mm.optimizers
-    on_cpu = device.type == 'cpu'
-    fuses = torch_fuses_on(device)
-    # torch's implementations; GCOptimWrapper wraps the fastest one there
-    # is (fused, else foreach off the CPU and the for-loop on it).
+def torch_variants(cls, hp, device):
+    """``torch <cls> <implementation>`` -> a maker, for each implementation
+    torch has of ``cls`` on this device."""
     implementations = {'foreach': dict(foreach=True),
                        'for-loop': dict(foreach=False)}
-    if fuses:
+    if torch_fuses(cls, device):
         implementations['fused'] = dict(fused=True)
-    fastest = 'fused' if fuses else 'for-loop' if on_cpu else 'foreach'
+    return {f'torch {cls.__name__} {name}': (
+        lambda p, options=options: cls(p, **options, **hp))
+        for name, options in implementations.items()}
+
+
+def wrapped(torch_makers):
+    """GCOptimWrapper around torch's fused and for-loop implementations."""
+    return {f'GCOptimWrapper({name[len("torch "):]})': (
+        lambda p, make=make: GCOptimWrapper(make(p)))
+        for name, make in torch_makers.items() if 'foreach' not in name}
+
+
+def variants(family: str, device: torch.device):
+    """name -> function(params) returning an optimizer or optim wrapper.
+    torch's own steps are named ``torch ...``; the fastest of them is the
+    family's baseline."""
+    reg = gc_mm.optimizers
+    on_cpu = device.type == 'cpu'
     if family == 'sgd':
-        sgd = {
-            f'torch SGD {name}': lambda p, options=options: torch.optim.SGD(
-                p, **options, **SGD)
-            for name, options in implementations.items()
-        }
+        sgd = torch_variants(torch.optim.SGD, SGD, device)
         # Each path of SGD_GC, asked for by name; the one its defaults pick
         # on this device (SGD_GC.path, the optimizer's own routing) is
         # labelled so.
@@ -160,47 +173,40 @@ def variants(family: str, device: torch.device):
             'fused': 'C++ kernel', 'multi_tensor': 'multi-tensor',
             'plain': 'plain path'
         }[reg.SGD_GC.path(defaults, on_cpu)]
+        gc = {}
         for path, options in paths.items():
             label = f'default: {path}' if path == default else path
-            sgd[f'gc_mm SGD_GC ({label})'] = (
+            gc[f'gc_mm SGD_GC ({label})'] = (
                 lambda p, options=options: reg.SGD_GC(p, **options, **SGD))
-        sgd.update({
-            "authors' SGD_GC (per tensor)": lambda p: AuthorsSGD_GC(
-                p, **SGD),
-            f'GCOptimWrapper(torch SGD {fastest})': lambda p: GCOptimWrapper(
-                torch.optim.SGD(p, **implementations[fastest], **SGD)),
-        })
-        return sgd
+        gc["authors' SGD_GC (per tensor)"] = lambda p: AuthorsSGD_GC(
+            p, **SGD)
+        return {**sgd, **gc, **wrapped(sgd)}
     if family == 'radam':
-        return radam_variants(implementations)
-    adam = {}
-    for cls in (torch.optim.Adam, torch.optim.AdamW):
-        for name, options in implementations.items():
-            if cls is torch.optim.AdamW and name == 'foreach':
-                continue  # the same loops as Adam's foreach
-            adam[f'torch {cls.__name__} {name}'] = (
-                lambda p, cls=cls, options=options: cls(p, **options, **ADAM))
-    adam.update({
-        'gc_mm Adam_GC': lambda p: reg.Adam_GC(p, **ADAM),
-        'gc_mm AdamW_GC': lambda p: reg.AdamW_GC(p, **ADAM),
-        "authors' Adam_GC (per tensor)": lambda p: AuthorsAdam_GC(
-            p, **ADAM),
-        f'GCOptimWrapper(torch AdamW {fastest})': lambda p: GCOptimWrapper(
-            torch.optim.AdamW(p, **implementations[fastest], **ADAM)),
-    })
-    return adam
+        return radam_variants(device)
+    cls, names, hp = {
+        'adam': (torch.optim.Adam, ('Adam_GC', 'Adam_GCC', 'Adam_GC2',
+                                    'Adam_GCC2'), ADAM),
+        'adamw': (torch.optim.AdamW, ('AdamW_GC', 'AdamW_GCC', 'AdamW_GC2',
+                                      'AdamW_GCC2'), ADAM),
+        'adagrad': (torch.optim.Adagrad, ('Adagrad_GC', 'Adagrad_GCC'),
+                    ADAGRAD),
+    }[family]
+    base = torch_variants(cls, hp, device)
+    gc = {f'gc_mm {name}': (lambda p, name=name: getattr(reg, name)(p, **hp))
+          for name in names}
+    if family == 'adam':
+        gc["authors' Adam_GC (per tensor)"] = lambda p: AuthorsAdam_GC(
+            p, **ADAM)
+    # GCOptimWrapper's goal is set for torch's SGD, Adam and AdamW.
+    return {**base, **gc, **(wrapped(base) if family != 'adagrad' else {})}
 
 
-def radam_variants(implementations):
+def radam_variants(device):
     """torch's RAdam (no fused RAdam in torch 2.13) and gc_mm's RAdam
     family: GC on the gradient or the update, GC off, and Lookahead (Ranger
     synchronizes every 6th step; k=1 synchronizes every step)."""
     reg = gc_mm.optimizers
-    radam = {
-        f'torch RAdam {name}': lambda p, options=options: torch.optim.RAdam(
-            p, **options, **RADAM)
-        for name, options in implementations.items() if name != 'fused'
-    }
+    radam = torch_variants(torch.optim.RAdam, RADAM, device)
     radam.update({
         'gc_mm RAdam_GC (GC off)': lambda p: reg.RAdam_GC(
             p, gc_mode=None, **RADAM),
@@ -220,9 +226,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(shapes, family, device, repeats, warmup):
+def time_steps(shapes, family, device, repeats, warmup, only=None):
+    """Times the family's variants whose names match ``only`` (a regular
+    expression; torch's own steps, the baselines, always)."""
     optimizers = {}
     for name, make in variants(family, device).items():
+        if only and not (name.startswith('torch ') or re.search(only, name)):
+            continue
         params = [torch.randn(s, device=device, requires_grad=True)
                   for s in shapes]
         optimizers[name] = make(params)
@@ -231,44 +241,65 @@ def time_steps(shapes, family, device, repeats, warmup):
     return time_interleaved(optimizers, device, repeats, warmup)
 
 
+def step_transient_bytes(step, device) -> int:
+    """Peak memory a step allocates beyond what it started with: CUDA's
+    allocator statistics, or on CPU the allocations torch's profiler
+    records (their running sum's maximum)."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+        step()
+    events = sorted((e for e in p.profiler.kineto_results.events()
+                     if e.name() == '[memory]'), key=lambda e: e.start_ns())
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
 def time_interleaved(optimizers, device, repeats, warmup):
     """Median step time of each optimizer (or optim wrapper), steps
-    interleaved. Each is fed the same random gradients (same seed, same
-    parameter shapes in the same order), restored before every step."""
+    interleaved, and the memory one step allocates for itself. Each is fed
+    the same random gradients (one seeded copy per parameter-shape list,
+    shared, so that a large model's variants fit in memory), restored
+    before every step."""
     grads0, grads = {}, {}
     for name, optimizer in optimizers.items():
         params = [p for group in optimizer.param_groups
                   for p in group['params']]
-        torch.manual_seed(0)
-        grads0[name] = [torch.randn_like(p) * 1e-3 for p in params]
-        for p, g in zip(params, grads0[name]):
+        key = tuple((p.shape, p.dtype) for p in params)
+        if key not in grads0:
+            torch.manual_seed(0)
+            grads0[key] = [torch.randn_like(p) * 1e-3 for p in params]
+        for p, g in zip(params, grads0[key]):
             p.grad = g.clone()
-        grads[name] = [p.grad for p in params]
+        grads[name] = ([p.grad for p in params], grads0[key])
     times = {name: [] for name in optimizers}
-    transient = {}
     for r in range(warmup + repeats):
         for name, optimizer in optimizers.items():  # interleaved
             # Some GC steps work in place on the gradients: restore them.
-            torch._foreach_copy_(grads[name], grads0[name])
+            torch._foreach_copy_(*grads[name])
             sync(device)
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
             start = time.perf_counter()
             optimizer.step()
             sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-            if device.type == 'cuda':
-                transient[name] = torch.cuda.max_memory_allocated() - before
     results = {}
     for name, optimizer in optimizers.items():
+        torch._foreach_copy_(*grads[name])
+        transient = step_transient_bytes(optimizer.step, device)
         state = getattr(optimizer, 'optimizer', optimizer).state
         results[name] = dict(
             ms=statistics.median(times[name]) * 1e3,
             state_mb=sum(t.nbytes for s in state.values()
                          for t in s.values() if torch.is_tensor(t)) / 2**20,
-            transient_mb=transient[name] / 2**20 if transient else None)
+            transient_mb=transient / 2**20)
     return results
 
 
@@ -316,19 +347,21 @@ def table(title, results, baselines):
           ' '.join(f'{"x " + b[:19]:>21s}' for b in baselines) +
           f' {"state MB":>9s} {"transient MB":>12s}')
     for name, r in results.items():
-        transient = ('n/a' if r['transient_mb'] is None else
-                     f'{r["transient_mb"]:.1f}')
         print(f'{name:38s} {r["ms"]:8.2f} ' + ' '.join(
             f'{r["ms"] / results[b]["ms"]:21.3f}' for b in baselines) +
-              f' {r["state_mb"]:9.1f} {transient:>12s}')
+              f' {r["state_mb"]:9.1f} {r["transient_mb"]:12.1f}')
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', default='configs/mask_rcnn_r50.py')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--families', nargs='+', default=['sgd', 'adam'],
-                        choices=['sgd', 'adam', 'radam'])
+    parser.add_argument('--families', nargs='+', default=list(FAMILIES),
+                        choices=FAMILIES)
+    parser.add_argument('--only', metavar='REGEX',
+                        help="time only the variants whose names match (and "
+                        "torch's own steps, the baselines), e.g. to fit a "
+                        'large model in memory')
     parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--e2e', type=int, default=0,
@@ -360,17 +393,20 @@ def main():
     if device.type == 'cuda':
         report['gpu'] = torch.cuda.get_device_name()
     if not args.skip_steps:
-        if 'sgd' in args.families and device.type == 'cpu':
-            # Installed, or else built on first use (then cached): its
+        if device.type == 'cpu':
+            # Installed, or else built on first use (then cached): their
             # start-up cost, apart.
-            start = time.perf_counter()
-            kernels.load('sgd')
-            report['kernel_load_s'] = time.perf_counter() - start
-            report['kernel_installed'] = kernels.installed('sgd') is not None
-            print('SGD kernel: ' + (
-                'installed' if report['kernel_installed'] else
-                'not installed, built on first use (or loaded from the '
-                'cache)') + f', ready in {report["kernel_load_s"]:.2f} s')
+            for name in kernels.KERNELS:
+                start = time.perf_counter()
+                kernels.load(name)
+                seconds = time.perf_counter() - start
+                installed = kernels.installed(name) is not None
+                report[f'{name}_kernel_load_s'] = seconds
+                report[f'{name}_kernel_installed'] = installed
+                print(f'{name} kernel: ' + (
+                    'installed' if installed else
+                    'not installed, built on first use (or loaded from the '
+                    'cache)') + f', ready in {seconds:.2f} s')
         shapes = trainable_shapes(args.config)
         report['tensors'] = len(shapes)
         report['parameters'] = sum(torch.Size(s).numel() for s in shapes)
@@ -378,12 +414,12 @@ def main():
               f'{report["parameters"] / 1e6:.1f}M parameters, {device}')
         for family in args.families:
             results = time_steps(shapes, family, device, args.repeats,
-                                 args.warmup)
+                                 args.warmup, args.only)
             fastest_torch = min((n for n in results if n.startswith('torch')),
                                 key=lambda n: results[n]['ms'])
             authors = [n for n in results if n.startswith("authors'")]
             table(f'{family}: median step time over {args.repeats} repeats '
-                  '(transient memory: peak during the step, CUDA only)',
+                  '(transient: peak memory the step allocates)',
                   results, [fastest_torch] + authors[:1])
             report[family] = results
     if args.e2e:

@@ -1,0 +1,213 @@
+"""The fused CPU steps of the adaptive families, and of torch.optim's own
+SGD, Adam and AdamW for GCOptimWrapper: GC at no cost.
+
+Adam_GC, AdamW_GC, their "2" variants, Adagrad_GC and RAdam_GC call
+:func:`adaptive_step` (the C++ kernel gc_mm/kernels/adaptive.cpp) for the
+CPU tensors :func:`kernel_takes`, with their own rule's numbers (bias
+corrections, rectification, lr decay). :func:`torch_step_with_gc` is
+torch's SGD, Adam or AdamW step on centralized gradients in one pass per
+tensor (the SGD and adaptive kernels), reading and writing the torch
+optimizer's own state, for :class:`~gc_mm.GCOptimWrapper`.
+
+The kernels leave the gradients as backward left them, and run where they
+were compiled at install (``kernels.installed``) or, with ``fused=True``,
+compiled on first use.
+"""
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import (_global_optimizer_post_hooks,
+                                   _global_optimizer_pre_hooks)
+
+from .. import kernels
+
+# The dtypes the kernels are compiled for (AT_DISPATCH_FLOATING_TYPES).
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def rows_order(tensor: Tensor) -> Optional[List[int]]:
+    """The dims of ``tensor`` in memory order, dim 0 first, if the tensor
+    is contiguous under that permutation (e.g. channels_last: 0, 2, 3, 1),
+    else None.
+
+    GC's rows are the slices of dim 0 and the updates are elementwise, so
+    the fast paths work on such a permuted view as on a contiguous tensor:
+    each row is one block of memory, in whatever order it holds its
+    elements.
+    """
+    if tensor.is_contiguous():
+        return list(range(tensor.ndim))
+    order = [0] + sorted(range(1, tensor.ndim),
+                         key=lambda dim: tensor.stride(dim), reverse=True)
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def kernel_takes(param: Tensor, *tensors: Optional[Tensor]) -> bool:
+    """Whether a kernel can update ``param`` with these tensors (gradient,
+    state; None for an absent one): a non-empty float32/float64 CPU tensor
+    whose tensors share its dtype and memory layout, with each row one
+    block of memory."""
+    # Called per tensor and step: the common case (all contiguous) first,
+    # without a permuted view.
+    if (param.dtype not in KERNEL_DTYPES or not param.is_cpu
+            or param.numel() == 0):
+        return False
+    tensors = [t for t in tensors if t is not None]
+    if any(t.dtype != param.dtype or not t.is_cpu for t in tensors):
+        return False
+    if param.is_contiguous():
+        return all(t.is_contiguous() for t in tensors)
+    order = rows_order(param)
+    return order is not None and all(
+        t.permute(order).is_contiguous() for t in tensors)
+
+
+def in_memory_order(param: Tensor, *tensors: Optional[Tensor]) -> list:
+    """``param`` and ``tensors`` as views whose dims are in memory order
+    (contiguous), for the kernels, which take rows as blocks of memory."""
+    if param.is_contiguous():
+        return [param, *tensors]
+    order = rows_order(param)
+    return [t if t is None else t.permute(order) for t in (param, *tensors)]
+
+
+def kernel_path(fused: Optional[bool], kernel: str = 'adaptive') -> bool:
+    """Whether a group's CPU tensors take the kernel: ``fused=True`` always
+    (built on first use if it was not installed), None where it was
+    installed, False never."""
+    if fused is None:
+        return kernels.installed(kernel) is not None
+    return fused
+
+
+def check_fused_option(group: dict) -> None:
+    if not (group['fused'] is None or isinstance(group['fused'], bool)):
+        raise ValueError('fused must be None (automatic), True or False, got '
+                         f"{group['fused']!r}")
+
+
+def adaptive_step(param: Tensor, grad: Tensor, exp_avg: Optional[Tensor],
+                  exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor], *,
+                  center: str, weight_decay: float, decay: str, beta1: float,
+                  beta2: float, denom_scale: float, eps: float,
+                  step_size: float, lr: float = 0., new1: float = None,
+                  new2: float = None) -> None:
+    """One call of the adaptive kernel (see gc_mm/kernels/adaptive.cpp for
+    the rule): ``center`` is 'none', 'gradient' or 'update'; ``decay``
+    'inside_gc', 'after_gc', 'decoupled' (``w *= 1 - lr * wd``) or
+    'in_update'; ``new1``/``new2`` default to 1 - beta."""
+    tensors = in_memory_order(param, grad, exp_avg, exp_avg_sq,
+                              max_exp_avg_sq)
+    keep = 1 - lr * weight_decay if decay == 'decoupled' else 1.
+    kernels.load('adaptive').adaptive_gc_step(
+        *tensors, center, weight_decay, decay, keep, beta1,
+        1 - beta1 if new1 is None else new1, beta2,
+        1 - beta2 if new2 is None else new2, denom_scale, eps, step_size)
+
+
+# torch.optim's optimizers GCOptimWrapper steps itself, by class (exact:
+# a subclass may change the step).
+_TORCH_KERNELS = {torch.optim.SGD: 'sgd', torch.optim.Adam: 'adaptive',
+                  torch.optim.AdamW: 'adaptive'}
+
+
+def _plain_torch_options(optimizer: Optimizer) -> bool:
+    """Whether every group of a torch SGD/Adam/AdamW asks for the plain
+    rule (no maximize, no differentiable or capturable step, float
+    hyper-parameters), and no step hook would be skipped."""
+    if (optimizer._optimizer_step_pre_hooks
+            or optimizer._optimizer_step_post_hooks
+            or _global_optimizer_pre_hooks or _global_optimizer_post_hooks):
+        return False
+    for group in optimizer.param_groups:
+        if (group.get('maximize') or group.get('differentiable')
+                or group.get('capturable') or torch.is_tensor(group['lr'])):
+            return False
+        if 'betas' in group and any(torch.is_tensor(b)
+                                    for b in group['betas']):
+            return False
+    return True
+
+
+def torch_step_with_gc(optimizer: Optimizer,
+                       centralized: Dict[Tensor, bool]) -> bool:
+    """Torch's SGD, Adam or AdamW step on centralized gradients, fused:
+    ``centralized[p]`` says whether p's gradient is centralized (rows along
+    dim 0). Updates the parameters and the optimizer's own state exactly as
+    ``optimizer.step()`` would after GC of the gradients, to float rounding,
+    and returns True; returns False, with nothing changed, where it cannot
+    (another optimizer or option, a parameter the kernel cannot take, state
+    torch has not made yet: the first step), so the caller centralizes and
+    calls ``optimizer.step()`` instead."""
+    kernel = _TORCH_KERNELS.get(type(optimizer))
+    if (kernel is None or kernels.installed(kernel) is None
+            or not _plain_torch_options(optimizer)):
+        return False
+    calls = []
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse or param not in centralized:
+                return False
+            # .get: indexing the state (a defaultdict) would add an entry.
+            state = optimizer.state.get(param, {})
+            if kernel == 'sgd':
+                buf = state.get('momentum_buffer')
+                if group['momentum'] and buf is None:
+                    return False  # torch makes it on the first step
+                tensors = (param.grad, buf)
+            else:
+                if 'step' not in state or (group['amsgrad'] and
+                                           'max_exp_avg_sq' not in state):
+                    return False
+                tensors = (param.grad, state['exp_avg'], state['exp_avg_sq'],
+                           state.get('max_exp_avg_sq'))
+            if not kernel_takes(param, *tensors):
+                return False
+            calls.append((group, param, tensors))
+    if kernel == 'sgd':
+        for group, param, tensors in calls:
+            _torch_sgd_step(group, param, *tensors, centralized[param])
+        return True
+    # Torch's step counts: one tensor per parameter, counted together (a
+    # call per tensor costs more than the step of a small one).
+    steps = [optimizer.state[param]['step'] for _, param, _ in calls]
+    torch._foreach_add_(steps, 1)
+    counts = torch.stack(steps).tolist() if steps else []
+    for (group, param, tensors), count in zip(calls, counts):
+        _torch_adam_step(optimizer, group, param, *tensors, count,
+                         centralized[param])
+    return True
+
+
+def _torch_sgd_step(group: dict, param: Tensor, grad: Tensor,
+                    buf: Optional[Tensor], centralize: bool) -> None:
+    """torch.optim.SGD's step on P(g): d = P(g) + wd * w, then momentum."""
+    param, grad, buf = in_memory_order(param, grad, buf)
+    kernels.load('sgd').sgd_gc_step(
+        param, grad, buf, centralize, group['lr'], group['weight_decay'],
+        'after_gc', group['momentum'], group['dampening'], group['nesterov'],
+        False)
+
+
+def _torch_adam_step(optimizer: Optimizer, group: dict, param: Tensor,
+                     grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                     max_exp_avg_sq: Optional[Tensor], t: float,
+                     centralize: bool) -> None:
+    """torch.optim.Adam/AdamW's step ``t`` on P(g): coupled decay added
+    after GC (Adam), or w *= 1 - lr * wd (AdamW)."""
+    beta1, beta2 = group['betas']
+    decoupled = group.get('decoupled_weight_decay',
+                          isinstance(optimizer, torch.optim.AdamW))
+    adaptive_step(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        center='gradient' if centralize else 'none',
+        weight_decay=group['weight_decay'],
+        decay='decoupled' if decoupled else 'after_gc', beta1=beta1,
+        beta2=beta2, denom_scale=1 / math.sqrt(1 - beta2**t),
+        eps=group['eps'], step_size=group['lr'] / (1 - beta1**t),
+        lr=group['lr'])
