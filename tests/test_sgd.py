@@ -310,8 +310,8 @@ def test_fused_path_splits_rows_among_threads_and_gives_the_same_bits():
             # elements of another.
             for centralized in (True, False):
                 w, g = torch.randn(96, 1024), torch.randn(96, 1024)
-                kernel.sgd_gc_step(w, g, None, centralized, 0.1, 0., 'none',
-                                   0., 0., False, False)
+                kernel.sgd_gc_steps([w], [g], [None], [centralized],
+                                    [False], 0.1, 0., 'none', 0., 0., False)
                 used.append(kernel.last_step_threads())
     finally:
         torch.set_num_threads(threads)
@@ -500,19 +500,25 @@ def _fail_on_second_call(function):
 @pytest.mark.parametrize('path', PATHS[1:])
 def test_failed_step_names_its_path_and_leaves_no_unwritten_buffer(
         path, monkeypatch):
-    """The step fails after the first tensor moved (the kernel's second
-    call, or the second GC of the Python paths): the error names the path;
-    the tensor that moved keeps its buffer, the others have none, so the
-    next step is their first (with dampening a buffer read then would show
-    in the numbers)."""
-    if path == PATHS[3].values[0]:
-        kernel = gc_mm.kernels.load('sgd')
+    """The step fails after the first tensor moved (the second GC of the
+    Python paths) or, on the kernel, in its one call for all the tensors
+    (which checks them all before any moves): the error names the path; a
+    tensor that moved keeps its buffer, the others have none, so the next
+    step is their first (with dampening a buffer read then would show in
+    the numbers)."""
+    fused = path == PATHS[3].values[0]
+    if fused:
+        kernel, calls = gc_mm.kernels.load('sgd'), []
 
-        class Failing:
-            sgd_gc_step = staticmethod(_fail_on_second_call(
-                kernel.sgd_gc_step))
+        class FailingOnce:
+            @staticmethod
+            def sgd_gc_steps(*args):
+                calls.append(1)
+                if len(calls) == 1:
+                    raise _Failure('injected failure')
+                return kernel.sgd_gc_steps(*args)
 
-        monkeypatch.setattr(gc_mm.kernels, 'load', lambda name: Failing)
+        monkeypatch.setattr(gc_mm.kernels, 'load', lambda name: FailingOnce)
     else:
         monkeypatch.setattr(sgd, 'centralize_',
                             _fail_on_second_call(sgd.centralize_))
@@ -529,7 +535,7 @@ def test_failed_step_names_its_path_and_leaves_no_unwritten_buffer(
         opt.step()
     moved = [not np.array_equal(p.detach().numpy(), w)
              for p, w in zip(params, weights)]
-    assert moved == [True, False, False, False, False]
+    assert moved == [not fused, False, False, False, False]
     assert ['momentum_buffer' in opt.state[p] for p in params] == moved
     for p, g in zip(params, grads[1]):
         p.grad = torch.tensor(g)
@@ -655,3 +661,38 @@ finally:
     assert 'SGD_GC fused (C++ kernel) path:' in result.stderr
     assert 'gc_mm/kernels/sgd.cpp' in result.stderr
     assert 'fused=None' in result.stderr
+
+
+@pytest.mark.parametrize('bad', ['grad dtype', 'grad layout', 'state size'])
+@pytest.mark.parametrize('name', ['sgd', 'adaptive'])
+def test_kernel_checks_every_tensor_before_any_moves(name, bad):
+    """A kernel's one call for a list of tensors refuses a bad tensor
+    anywhere in the list, naming it, before the first tensor moves."""
+    kernel = gc_mm.kernels.load(name)
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3), torch.randn(5, 2)]
+    grads = [torch.randn(4, 3), torch.randn(5, 2)]
+    states = [torch.zeros(4, 3), torch.zeros(5, 2)]
+    if bad == 'grad dtype':
+        grads[1] = grads[1].double()
+    elif bad == 'grad layout':
+        grads[1] = torch.randn(2, 5).t()
+    else:
+        states[1] = torch.zeros(4)
+    before = [p.clone() for p in params]
+    if name == 'sgd':
+        what = 'fused SGD: ' + ('momentum_buffer' if bad == 'state size'
+                                else 'grad')
+        step = lambda: kernel.sgd_gc_steps(  # noqa: E731
+            params, grads, states, [True, True], [False, False], 0.1, 0.,
+            'none', 0.9, 0., False)
+    else:
+        what = 'fused adaptive step: ' + ('exp_avg_sq' if bad == 'state size'
+                                          else 'grad')
+        step = lambda: kernel.adaptive_gc_steps(  # noqa: E731
+            params, grads, [None, None], states, [None, None],
+            ['gradient', 'gradient'], 0., 'none', 1., 0., 1., 1., 1.,
+            [1., 1.], 1e-10, [0.1, 0.1])
+    with pytest.raises(RuntimeError, match=f'{what} must be'):
+        step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -1,7 +1,7 @@
 // The fused step of the adaptive optimizers with Gradient Centralization
 // (Adam, both AdamW rules, RAdam's rectified steps, Adagrad), for CPU
-// tensors. One call updates one tensor, row (output unit) by row, in one
-// pass over memory with rows split among threads (rows.h):
+// tensors. One call steps a list of tensors, each row (output unit) by
+// row, in one pass over memory with rows split among threads (rows.h):
 //
 //   d = g + wd * w              decay 'inside_gc' (Adam_GC, Adagrad_GC, RAdam)
 //   d = P(d)                    center 'gradient'
@@ -227,14 +227,11 @@ Decay parse_decay(const std::string& decay, double weight_decay) {
 }
 
 // exp_avg is None without a first moment (Adagrad), max_exp_avg_sq without
-// amsgrad. center: 'none', 'gradient', 'update'.
-void adaptive_gc_step(at::Tensor param, const at::Tensor& grad,
-                      c10::optional<at::Tensor> exp_avg, at::Tensor exp_avg_sq,
-                      c10::optional<at::Tensor> max_exp_avg_sq,
-                      const std::string& center, double weight_decay,
-                      const std::string& decay, double keep, double beta1,
-                      double new1, double beta2, double new2,
-                      double denom_scale, double eps, double step_size) {
+// amsgrad.
+void check_tensors(const at::Tensor& param, const at::Tensor& grad,
+                   const c10::optional<at::Tensor>& exp_avg,
+                   const at::Tensor& exp_avg_sq,
+                   const c10::optional<at::Tensor>& max_exp_avg_sq) {
   const char* kernel = "fused adaptive step";
   check_like(param, param, kernel, "param");
   check_like(grad, param, kernel, "grad");
@@ -243,31 +240,65 @@ void adaptive_gc_step(at::Tensor param, const at::Tensor& grad,
   if (max_exp_avg_sq.has_value()) {
     check_like(*max_exp_avg_sq, param, kernel, "max_exp_avg_sq");
   }
-  const Center parsed_center = parse_center(center);
+}
+
+// The step of a list of tensors, in one call (Python between the tensors
+// of a large model runs with a cache the step has just flushed, which cost
+// more than the step's own overhead). Every tensor is checked before any
+// moves. Per tensor: center ('none', 'gradient', 'update'), denom_scale
+// and step_size (the bias corrections of its own step count); decay:
+// 'none', 'inside_gc', 'after_gc', 'decoupled', 'in_update'.
+void adaptive_gc_steps(
+    const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& grads,
+    const std::vector<c10::optional<at::Tensor>>& exp_avgs,
+    const std::vector<at::Tensor>& exp_avg_sqs,
+    const std::vector<c10::optional<at::Tensor>>& max_exp_avg_sqs,
+    const std::vector<std::string>& centers, double weight_decay,
+    const std::string& decay, double keep, double beta1, double new1,
+    double beta2, double new2, const std::vector<double>& denom_scales,
+    double eps, const std::vector<double>& step_sizes) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n &&
+                  exp_avg_sqs.size() == n && max_exp_avg_sqs.size() == n &&
+                  centers.size() == n && denom_scales.size() == n &&
+                  step_sizes.size() == n,
+              "gc_mm fused adaptive step: the lists must have one entry per "
+              "param");
   const Decay parsed_decay = parse_decay(decay, weight_decay);
-  if (param.numel() == 0) return;
-  const int64_t rows = param.dim() > 1 ? param.size(0) : 1;
-  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "adaptive_gc_step", [&] {
-    const Tensors<scalar_t> t{
-        param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-        exp_avg.has_value() ? exp_avg->data_ptr<scalar_t>() : nullptr,
-        exp_avg_sq.data_ptr<scalar_t>(),
-        max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<scalar_t>()
-                                   : nullptr};
-    const Coefficients<scalar_t> c{
-        scalar_t(weight_decay), scalar_t(keep),        scalar_t(beta1),
-        scalar_t(new1),         scalar_t(beta2),       scalar_t(new2),
-        scalar_t(denom_scale),  scalar_t(eps),         scalar_t(step_size)};
-    adaptive_step<scalar_t>(t, rows, param.numel() / rows, parsed_center,
-                            parsed_decay, c);
-  });
+  std::vector<Center> parsed_centers;
+  for (size_t i = 0; i < n; ++i) {
+    check_tensors(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                  max_exp_avg_sqs[i]);
+    parsed_centers.push_back(parse_center(centers[i]));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& param = params[i];
+    if (param.numel() == 0) continue;
+    const int64_t rows = param.dim() > 1 ? param.size(0) : 1;
+    const auto& m = exp_avgs[i];
+    const auto& v_max = max_exp_avg_sqs[i];
+    AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "adaptive_gc_steps", [&] {
+      const Tensors<scalar_t> t{
+          param.data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(),
+          m.has_value() ? m->data_ptr<scalar_t>() : nullptr,
+          exp_avg_sqs[i].data_ptr<scalar_t>(),
+          v_max.has_value() ? v_max->data_ptr<scalar_t>() : nullptr};
+      const Coefficients<scalar_t> c{
+          scalar_t(weight_decay),    scalar_t(keep),  scalar_t(beta1),
+          scalar_t(new1),            scalar_t(beta2), scalar_t(new2),
+          scalar_t(denom_scales[i]), scalar_t(eps),   scalar_t(step_sizes[i])};
+      adaptive_step<scalar_t>(t, rows, param.numel() / rows,
+                              parsed_centers[i], parsed_decay, c);
+    });
+  }
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("adaptive_gc_step", &adaptive_gc_step,
+  m.def("adaptive_gc_steps", &adaptive_gc_steps,
         "One fused adaptive (Adam, AdamW, RAdam, Adagrad) step with Gradient "
-        "Centralization, in place");
+        "Centralization of each tensor of a list, in place");
   gc_mm::describe_build(m);
 }

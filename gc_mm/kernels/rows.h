@@ -3,7 +3,7 @@
 // split of rows among threads, and the dispatch of run-time options to
 // compile-time cases. sgd.cpp and adaptive.cpp are the steps.
 //
-// A kernel updates one tensor per call. Centralized, it walks the rows in
+// A kernel updates one tensor at a time. Centralized, it walks the rows in
 // order: a row's sum is taken in the same loop that updates the row before
 // it, and the row is updated next while it is still in cache, so every
 // tensor comes from memory once and the reads of one row overlap the

@@ -1,7 +1,7 @@
 // The fused SGD step with Gradient Centralization, for CPU tensors.
 //
-// One call updates one tensor, row (output unit) by row (rows.h: one pass
-// over memory, rows split among threads):
+// One call steps a list of tensors, each row (output unit) by row (rows.h:
+// one pass over memory, rows split among threads):
 //
 //   d   = g + wd * w - mean(row of g + wd * w)   (decay 'inside_gc'; the
 //                                                 mean only if centralized)
@@ -154,13 +154,9 @@ void sgd_step(scalar_t* w, const scalar_t* g, scalar_t* buf, int64_t rows,
   });
 }
 
-// momentum_buffer is None when momentum is 0; on the first step it is
-// written, not read. decay: 'none', 'inside_gc', 'after_gc', 'decoupled'.
-void sgd_gc_step(at::Tensor param, const at::Tensor& grad,
-                 c10::optional<at::Tensor> momentum_buffer, bool centralize,
-                 double lr, double weight_decay, const std::string& decay,
-                 double momentum, double dampening, bool nesterov,
-                 bool first_step) {
+void check_tensors(const at::Tensor& param, const at::Tensor& grad,
+                   const c10::optional<at::Tensor>& momentum_buffer,
+                   double momentum) {
   const char* kernel = "fused SGD";
   check_like(param, param, kernel, "param");
   check_like(grad, param, kernel, "grad");
@@ -170,23 +166,49 @@ void sgd_gc_step(at::Tensor param, const at::Tensor& grad,
   if (momentum_buffer.has_value()) {
     check_like(*momentum_buffer, param, kernel, "momentum_buffer");
   }
+}
+
+// The step of a list of tensors, in one call (Python between the tensors
+// of a large model runs with a cache the step has just flushed, which cost
+// more than the step's own overhead). Every tensor is checked before any
+// moves. Per tensor: centralize, and first_step (its buffer is written, not
+// read); a buffer is None when momentum is 0. decay: 'none', 'inside_gc',
+// 'after_gc', 'decoupled'.
+void sgd_gc_steps(const std::vector<at::Tensor>& params,
+                  const std::vector<at::Tensor>& grads,
+                  const std::vector<c10::optional<at::Tensor>>& buffers,
+                  const std::vector<bool>& centralize,
+                  const std::vector<bool>& first_step, double lr,
+                  double weight_decay, const std::string& decay,
+                  double momentum, double dampening, bool nesterov) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && buffers.size() == n &&
+                  centralize.size() == n && first_step.size() == n,
+              "gc_mm fused SGD: the lists must have one entry per param");
   const Decay parsed = parse_decay(decay, weight_decay);
-  if (param.numel() == 0) return;
-  const int64_t rows = param.dim() > 1 ? param.size(0) : 1;
-  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sgd_gc_step", [&] {
-    sgd_step<scalar_t>(
-        param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-        momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>()
-                                    : nullptr,
-        rows, param.numel() / rows, centralize, lr, weight_decay, parsed,
-        momentum, dampening, nesterov, first_step);
-  });
+  for (size_t i = 0; i < n; ++i) {
+    check_tensors(params[i], grads[i], buffers[i], momentum);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& param = params[i];
+    if (param.numel() == 0) continue;
+    const int64_t rows = param.dim() > 1 ? param.size(0) : 1;
+    AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sgd_gc_steps", [&] {
+      sgd_step<scalar_t>(
+          param.data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(),
+          buffers[i].has_value() ? buffers[i]->data_ptr<scalar_t>()
+                                 : nullptr,
+          rows, param.numel() / rows, centralize[i], lr, weight_decay,
+          parsed, momentum, dampening, nesterov, first_step[i]);
+    });
+  }
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sgd_gc_step", &sgd_gc_step,
-        "One fused SGD step with Gradient Centralization, in place");
+  m.def("sgd_gc_steps", &sgd_gc_steps,
+        "One fused SGD step with Gradient Centralization of each tensor of "
+        "a list, in place");
   gc_mm::describe_build(m);
 }

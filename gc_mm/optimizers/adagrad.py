@@ -28,7 +28,7 @@ from torch import Tensor
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_,
                    check_non_negative, group_layout)
-from .fused import (KERNEL_DTYPES, adaptive_step, check_fused_option,
+from .fused import (KERNEL_DTYPES, adaptive_steps, check_fused_option,
                     kernel_path, kernel_takes)
 
 
@@ -87,12 +87,14 @@ class _AdagradBase(GCOptimizer):
     def _update_group(self, group: dict, params: List[Tensor]) -> None:
         kernel = (kernel_path(group['fused'])
                   and group_layout(group) == dict(out_dim=0, groups=1))
-        plain = []
+        on_kernel, plain = [], []
         for param in params:
             if kernel and self._kernel_takes(param, group):
-                self._update_kernel(param, group)
+                on_kernel.append(param)
             else:
                 plain.append(param)
+        if on_kernel:
+            self._update_kernel(on_kernel, group)
         if plain:
             super()._update_group(group, plain)
 
@@ -107,17 +109,21 @@ class _AdagradBase(GCOptimizer):
         state['sum'] = self._like(param, state['sum'])
         return kernel_takes(param, param.grad, state['sum'])
 
-    def _update_kernel(self, param: Tensor, group: dict) -> None:
-        """The C++ kernel: no first moment, sum = 1 * sum + 1 * g'^2."""
-        state = self.state[param]
-        state['step'] += 1
-        centralized = is_centralized(param, group['gc_mode'])
-        adaptive_step(
-            param, param.grad, None, state['sum'], None,
-            center='gradient' if centralized else 'none',
+    def _update_kernel(self, params: List[Tensor], group: dict) -> None:
+        """The C++ kernel, one call for the group: no first moment,
+        sum = 1 * sum + 1 * g'^2."""
+        states = [self.state[param] for param in params]
+        for state in states:
+            state['step'] += 1
+        adaptive_steps(
+            params, [param.grad for param in params], [None] * len(params),
+            [state['sum'] for state in states], [None] * len(params),
+            ['gradient' if is_centralized(param, group['gc_mode']) else
+             'none' for param in params],
             weight_decay=group['weight_decay'], decay='inside_gc', beta1=0.,
-            beta2=1., new2=1., denom_scale=1., eps=group['eps'],
-            step_size=self._clr(state['step'], group))
+            beta2=1., new2=1., denom_scales=[1.] * len(params),
+            eps=group['eps'],
+            step_sizes=[self._clr(state['step'], group) for state in states])
 
     @staticmethod
     def _clr(step: int, group: dict) -> float:

@@ -49,7 +49,7 @@ from torch.optim.adam import adam
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
                    check_non_negative, group_layout)
-from .fused import (KERNEL_DTYPES, adaptive_step, check_fused_option,
+from .fused import (KERNEL_DTYPES, adaptive_steps, check_fused_option,
                     kernel_path, kernel_takes)
 
 # Devices where Adam_GC hands the update to torch's fused Adam (one kernel
@@ -142,8 +142,8 @@ class _AdamBase(GCOptimizer):
                                           []).append(param)
             else:
                 plain.append(param)
-        for param in on_kernel:
-            self._update_kernel(param, group)
+        if on_kernel:
+            self._update_kernel(on_kernel, group)
         for tensors in on_torch_fused.values():
             self._update_fused(group, tensors)
         if plain:
@@ -163,29 +163,35 @@ class _AdamBase(GCOptimizer):
             state[key] = self._like(param, state[key])
         return kernel_takes(param, param.grad, *(state[key] for key in keys))
 
-    def _update_kernel(self, param: Tensor, group: dict) -> None:
-        """The C++ kernel: this variant's rule as the kernel's numbers."""
-        state = self.state[param]
-        state['step'] += 1
+    def _update_kernel(self, params: List[Tensor], group: dict) -> None:
+        """The C++ kernel, one call for the group: this variant's rule as
+        the kernel's numbers."""
         beta1, beta2 = group['betas']
-        bias_correction1 = 1 - beta1**state['step']
-        bias_correction2 = 1 - beta2**state['step']
-        centralized = is_centralized(param, group['gc_mode'])
-        if self.decoupled_weight_decay:  # the authors' AdamW
-            decay, denom_scale = 'in_update', 1.
-            step_size = (group['lr'] * math.sqrt(bias_correction2) /
-                         bias_correction1)
-        else:
-            decay, denom_scale = 'inside_gc', 1 / math.sqrt(bias_correction2)
-            step_size = group['lr'] / bias_correction1
-        center = ('none' if not centralized else
-                  'update' if self.centralize_update else 'gradient')
-        adaptive_step(param, param.grad, state['exp_avg'],
-                      state['exp_avg_sq'], state.get('max_exp_avg_sq'),
-                      center=center, weight_decay=group['weight_decay'],
-                      decay=decay, beta1=beta1, beta2=beta2,
-                      denom_scale=denom_scale, eps=group['eps'],
-                      step_size=step_size)
+        states = [self.state[param] for param in params]
+        denom_scales, step_sizes = [], []
+        for state in states:
+            state['step'] += 1
+            bias_correction1 = 1 - beta1**state['step']
+            bias_correction2 = 1 - beta2**state['step']
+            if self.decoupled_weight_decay:  # the authors' AdamW
+                denom_scales.append(1.)
+                step_sizes.append(group['lr'] * math.sqrt(bias_correction2) /
+                                  bias_correction1)
+            else:
+                denom_scales.append(1 / math.sqrt(bias_correction2))
+                step_sizes.append(group['lr'] / bias_correction1)
+        on_centralized = 'update' if self.centralize_update else 'gradient'
+        adaptive_steps(
+            params, [param.grad for param in params],
+            [state['exp_avg'] for state in states],
+            [state['exp_avg_sq'] for state in states],
+            [state.get('max_exp_avg_sq') for state in states],
+            [on_centralized if is_centralized(param, group['gc_mode']) else
+             'none' for param in params],
+            weight_decay=group['weight_decay'],
+            decay='in_update' if self.decoupled_weight_decay else 'inside_gc',
+            beta1=beta1, beta2=beta2, denom_scales=denom_scales,
+            eps=group['eps'], step_sizes=step_sizes)
 
     def _update_fused(self, group: dict, params: List[Tensor]) -> None:
         grads = [param.grad for param in params]

@@ -2,9 +2,9 @@
 SGD, Adam and AdamW for GCOptimWrapper: GC at no cost.
 
 Adam_GC, AdamW_GC, their "2" variants, Adagrad_GC and RAdam_GC call
-:func:`adaptive_step` (the C++ kernel gc_mm/kernels/adaptive.cpp) for the
-CPU tensors :func:`kernel_takes`, with their own rule's numbers (bias
-corrections, rectification, lr decay). :func:`torch_step_with_gc` is
+:func:`adaptive_steps` (the C++ kernel gc_mm/kernels/adaptive.cpp, one call
+per param group) for the CPU tensors :func:`kernel_takes`, with their own
+rule's numbers (bias corrections, rectification, lr decay). :func:`torch_step_with_gc` is
 torch's SGD, Adam or AdamW step on centralized gradients in one pass per
 tensor (the SGD and adaptive kernels), reading and writing the torch
 optimizer's own state, for :class:`~gc_mm.GCOptimWrapper`.
@@ -89,23 +89,27 @@ def check_fused_option(group: dict) -> None:
                          f"{group['fused']!r}")
 
 
-def adaptive_step(param: Tensor, grad: Tensor, exp_avg: Optional[Tensor],
-                  exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor], *,
-                  center: str, weight_decay: float, decay: str, beta1: float,
-                  beta2: float, denom_scale: float, eps: float,
-                  step_size: float, lr: float = 0., new1: float = None,
-                  new2: float = None) -> None:
-    """One call of the adaptive kernel (see gc_mm/kernels/adaptive.cpp for
-    the rule): ``center`` is 'none', 'gradient' or 'update'; ``decay``
-    'inside_gc', 'after_gc', 'decoupled' (``w *= 1 - lr * wd``) or
-    'in_update'; ``new1``/``new2`` default to 1 - beta."""
-    tensors = in_memory_order(param, grad, exp_avg, exp_avg_sq,
-                              max_exp_avg_sq)
+def adaptive_steps(params: List[Tensor], grads: List[Tensor],
+                   exp_avgs: List[Optional[Tensor]],
+                   exp_avg_sqs: List[Tensor],
+                   max_exp_avg_sqs: List[Optional[Tensor]],
+                   centers: List[str], *, weight_decay: float, decay: str,
+                   beta1: float, beta2: float, denom_scales: List[float],
+                   eps: float, step_sizes: List[float], lr: float = 0.,
+                   new1: float = None, new2: float = None) -> None:
+    """One call of the adaptive kernel for a list of tensors (see
+    gc_mm/kernels/adaptive.cpp for the rule): per tensor ``centers``
+    ('none', 'gradient' or 'update'), ``denom_scales`` and ``step_sizes``;
+    ``decay`` 'inside_gc', 'after_gc', 'decoupled' (``w *= 1 - lr * wd``)
+    or 'in_update'; ``new1``/``new2`` default to 1 - beta."""
+    laid_out = [in_memory_order(*tensors) for tensors in zip(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
     keep = 1 - lr * weight_decay if decay == 'decoupled' else 1.
-    kernels.load('adaptive').adaptive_gc_step(
-        *tensors, center, weight_decay, decay, keep, beta1,
-        1 - beta1 if new1 is None else new1, beta2,
-        1 - beta2 if new2 is None else new2, denom_scale, eps, step_size)
+    kernels.load('adaptive').adaptive_gc_steps(
+        *(list(tensors) for tensors in zip(*laid_out)), centers,
+        weight_decay, decay, keep, beta1, 1 - beta1 if new1 is None else new1,
+        beta2, 1 - beta2 if new2 is None else new2, denom_scales, eps,
+        step_sizes)
 
 
 # torch.optim's optimizers GCOptimWrapper steps itself, by class (exact:
@@ -146,7 +150,7 @@ def torch_step_with_gc(optimizer: Optimizer,
     if (kernel is None or kernels.installed(kernel) is None
             or not _plain_torch_options(optimizer)):
         return False
-    calls = []
+    calls = {}  # id(group) -> (group, [(param, its tensors)])
     for group in optimizer.param_groups:
         for param in group['params']:
             if param.grad is None:
@@ -168,46 +172,49 @@ def torch_step_with_gc(optimizer: Optimizer,
                            state.get('max_exp_avg_sq'))
             if not kernel_takes(param, *tensors):
                 return False
-            calls.append((group, param, tensors))
-    if kernel == 'sgd':
-        for group, param, tensors in calls:
-            _torch_sgd_step(group, param, *tensors, centralized[param])
-        return True
-    # Torch's step counts: one tensor per parameter, counted together (a
-    # call per tensor costs more than the step of a small one).
-    steps = [optimizer.state[param]['step'] for _, param, _ in calls]
-    torch._foreach_add_(steps, 1)
-    counts = torch.stack(steps).tolist() if steps else []
-    for (group, param, tensors), count in zip(calls, counts):
-        _torch_adam_step(optimizer, group, param, *tensors, count,
-                         centralized[param])
+            calls.setdefault(id(group), (group, []))[1].append(
+                (param, tensors))
+    for group, group_calls in calls.values():
+        if kernel == 'sgd':
+            _torch_sgd_steps(group, group_calls, centralized)
+        else:
+            _torch_adam_steps(optimizer, group, group_calls, centralized)
     return True
 
 
-def _torch_sgd_step(group: dict, param: Tensor, grad: Tensor,
-                    buf: Optional[Tensor], centralize: bool) -> None:
+def _torch_sgd_steps(group: dict, calls: list,
+                     centralized: Dict[Tensor, bool]) -> None:
     """torch.optim.SGD's step on P(g): d = P(g) + wd * w, then momentum."""
-    param, grad, buf = in_memory_order(param, grad, buf)
-    kernels.load('sgd').sgd_gc_step(
-        param, grad, buf, centralize, group['lr'], group['weight_decay'],
-        'after_gc', group['momentum'], group['dampening'], group['nesterov'],
-        False)
+    laid_out = [in_memory_order(param, *tensors) for param, tensors in calls]
+    params, grads, bufs = (list(t) for t in zip(*laid_out))
+    kernels.load('sgd').sgd_gc_steps(
+        params, grads, bufs, [centralized[param] for param, _ in calls],
+        [False] * len(calls), group['lr'], group['weight_decay'], 'after_gc',
+        group['momentum'], group['dampening'], group['nesterov'])
 
 
-def _torch_adam_step(optimizer: Optimizer, group: dict, param: Tensor,
-                     grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                     max_exp_avg_sq: Optional[Tensor], t: float,
-                     centralize: bool) -> None:
-    """torch.optim.Adam/AdamW's step ``t`` on P(g): coupled decay added
-    after GC (Adam), or w *= 1 - lr * wd (AdamW)."""
+def _torch_adam_steps(optimizer: Optimizer, group: dict, calls: list,
+                      centralized: Dict[Tensor, bool]) -> None:
+    """torch.optim.Adam/AdamW's step on P(g): coupled decay added after GC
+    (Adam), or w *= 1 - lr * wd (AdamW). Torch keeps a step count tensor
+    per parameter: they are counted together (a call per tensor costs more
+    than the step of a small one)."""
+    steps = [optimizer.state[param]['step'] for param, _ in calls]
+    torch._foreach_add_(steps, 1)
+    counts = torch.stack(steps).tolist()
     beta1, beta2 = group['betas']
     decoupled = group.get('decoupled_weight_decay',
                           isinstance(optimizer, torch.optim.AdamW))
-    adaptive_step(
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
-        center='gradient' if centralize else 'none',
+    params = [param for param, _ in calls]
+    grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+        list(t) for t in zip(*(tensors for _, tensors in calls)))
+    adaptive_steps(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+        ['gradient' if centralized[p] else 'none' for p in params],
         weight_decay=group['weight_decay'],
         decay='decoupled' if decoupled else 'after_gc', beta1=beta1,
-        beta2=beta2, denom_scale=1 / math.sqrt(1 - beta2**t),
-        eps=group['eps'], step_size=group['lr'] / (1 - beta1**t),
+        beta2=beta2, denom_scales=[1 / math.sqrt(1 - beta2**t)
+                                   for t in counts],
+        eps=group['eps'], step_sizes=[group['lr'] / (1 - beta1**t)
+                                      for t in counts],
         lr=group['lr'])

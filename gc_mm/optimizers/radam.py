@@ -57,7 +57,7 @@ from torch import Tensor
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
                    check_non_negative, group_layout)
-from .fused import (KERNEL_DTYPES, adaptive_step, check_fused_option,
+from .fused import (KERNEL_DTYPES, adaptive_steps, check_fused_option,
                     kernel_path, kernel_takes)
 from .lookahead import Lookahead
 
@@ -155,12 +155,14 @@ class RAdam_GC(GCOptimizer):
     def _update_group(self, group: dict, params: List[Tensor]) -> None:
         kernel = (kernel_path(group['fused'])
                   and group_layout(group) == dict(out_dim=0, groups=1))
-        plain = []
+        on_kernel, plain = [], []
         for param in params:
             if kernel and self._kernel_takes(param, group):
-                self._update_kernel(param, group)
+                on_kernel.append(param)
             else:
                 plain.append(param)
+        if on_kernel:
+            self._update_kernel(on_kernel, group)
         if plain:
             super()._update_group(group, plain)
 
@@ -183,24 +185,28 @@ class RAdam_GC(GCOptimizer):
         return kernel_takes(param, param.grad, state['exp_avg'],
                             state['exp_avg_sq'])
 
-    def _update_kernel(self, param: Tensor, group: dict) -> None:
-        """A rectified step in the C++ kernel: u = m / (sqrt(v) + eps),
-        scaled by lr r_t sqrt(bc2) / bc1."""
-        state = self.state[param]
-        state['step'] += 1
-        step = state['step']
+    def _update_kernel(self, params: List[Tensor], group: dict) -> None:
+        """Rectified steps in the C++ kernel, one call for the group:
+        u = m / (sqrt(v) + eps), scaled by lr r_t sqrt(bc2) / bc1."""
         beta1, beta2 = group['betas']
-        centralized = is_centralized(param, group['gc_mode'])
-        center = 'none' if not centralized else group['gc_loc']
-        adaptive_step(
-            param, param.grad, state['exp_avg'], state['exp_avg_sq'], None,
-            center=center, weight_decay=group['weight_decay'],
+        states = [self.state[param] for param in params]
+        step_sizes = []
+        for state in states:
+            state['step'] += 1
+            step = state['step']
+            step_sizes.append(group['lr'] * rectification(beta2, step) *
+                              math.sqrt(1 - beta2**step) / (1 - beta1**step))
+        adaptive_steps(
+            params, [param.grad for param in params],
+            [state['exp_avg'] for state in states],
+            [state['exp_avg_sq'] for state in states], [None] * len(params),
+            [group['gc_loc'] if is_centralized(param, group['gc_mode']) else
+             'none' for param in params],
+            weight_decay=group['weight_decay'],
             decay=('decoupled' if group['decoupled_weight_decay'] else
-                   'inside_gc'), beta1=beta1, beta2=beta2, denom_scale=1.,
-            eps=group['eps'],
-            step_size=(group['lr'] * rectification(beta2, step) *
-                       math.sqrt(1 - beta2**step) / (1 - beta1**step)),
-            lr=group['lr'])
+                   'inside_gc'), beta1=beta1, beta2=beta2,
+            denom_scales=[1.] * len(params), eps=group['eps'],
+            step_sizes=step_sizes, lr=group['lr'])
 
     def _update_tensor(self, param: Tensor, grad: Tensor,
                        state: Dict[str, Tensor], group: dict) -> None:

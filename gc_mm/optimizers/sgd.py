@@ -212,23 +212,30 @@ def _fused_sgd_gc(params: List[Tensor], grads: List[Tensor],
                   gc_mode: Optional[str], lr: float, weight_decay: float,
                   momentum: float, dampening: float, nesterov: bool,
                   decoupled_weight_decay: bool) -> None:
-    """The C++ kernel (gc_mm/kernels/sgd.cpp), one call per tensor, for
-    CPU tensors :func:`_fast_path_takes`. The kernel writes a first step's
-    buffer, which enters ``momentum_buffers`` once the call returned."""
-    step = kernels.load('sgd').sgd_gc_step
+    """The C++ kernel (gc_mm/kernels/sgd.cpp), one call for all the
+    tensors (each checked before any moves), for CPU tensors
+    :func:`_fast_path_takes`. The kernel writes a first step's buffer,
+    which enters ``momentum_buffers`` once the call returned."""
+    laid_out, first_steps, bufs = [], [], list(momentum_buffers)
     for i, (param, grad) in enumerate(zip(params, grads)):
-        buf = momentum_buffers[i]
-        first_step = bool(momentum) and buf is None
-        if first_step:
-            buf = torch.empty_like(param)
-        tensors = (param, grad, buf)
-        if not param.is_contiguous():  # the kernel takes rows in memory
+        buf = bufs[i]
+        first_steps.append(bool(momentum) and buf is None)
+        if first_steps[-1]:
+            buf = bufs[i] = torch.empty_like(param)
+        if param.is_contiguous():
+            laid_out.append((param, grad, buf))
+        else:  # the kernel takes rows in memory
             order = rows_order(param)
-            tensors = [t if t is None else t.permute(order) for t in tensors]
-        step(*tensors, is_centralized(param, gc_mode), lr, weight_decay,
-             'decoupled' if decoupled_weight_decay else 'inside_gc',
-             momentum, dampening, nesterov, first_step)
-        momentum_buffers[i] = buf
+            laid_out.append(
+                [t if t is None else t.permute(order)
+                 for t in (param, grad, buf)])
+    kernels.load('sgd').sgd_gc_steps(
+        *(list(t) for t in zip(*laid_out)),
+        [is_centralized(param, gc_mode) for param in params], first_steps,
+        lr, weight_decay,
+        'decoupled' if decoupled_weight_decay else 'inside_gc', momentum,
+        dampening, nesterov)
+    momentum_buffers[:] = bufs
 
 
 _PATHS = {
