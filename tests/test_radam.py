@@ -344,24 +344,31 @@ def test_resume_is_bit_exact(name, dtype, stop):
 
 @pytest.mark.parametrize('dtype', [F64, F32, BF16])
 @pytest.mark.parametrize('loc', ['gradient', 'update'])
-def test_what_step_leaves_in_grad(dtype, loc):
-    """gc_loc='gradient': p.grad of a float32/float64 parameter holds what
-    the moments were fed, P(g + wd * w) (decay and GC in place, as the
-    other GC optimizers); 'update' and half precision leave it as is."""
-    hp = dict(lr=0.01, weight_decay=0.1, gc_loc=loc)
-    weights, [grads] = initial_weights(dtype=dtype), gradients(1)
+@pytest.mark.parametrize('fused', [True, False])
+def test_what_step_leaves_in_grad(dtype, loc, fused):
+    """README's table: on the plain path (and RAdam's un-adapted first
+    steps) with gc_loc='gradient', p.grad of a float32/float64 parameter
+    holds what the moments were fed, P(g + wd * w) (decay and GC in place,
+    as the other GC optimizers); the kernel (the rectified steps, from the
+    sixth), 'update' and half precision leave it as is."""
+    hp = dict(lr=0.01, weight_decay=0.1, gc_loc=loc, fused=fused)
+    weights, grads = initial_weights(dtype=dtype), gradients(6)
     params, opt = build(dict(type='RAdam_GC', **hp), weights, dtype)
-    grads = [torch.tensor(g, dtype=dtype) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    opt.step()
-    for p, g, w in zip(params, grads, weights):
-        if loc == 'update' or dtype == BF16:
-            assert torch.equal(p.grad, g)
-        else:
-            want = project(g.double().numpy() + 0.1 * w, 'conv_fc')
-            np.testing.assert_allclose(p.grad.double().numpy(), want,
-                                       rtol=1e-6, atol=1e-6)
+    for step, step_grads in enumerate(grads, 1):
+        before = [p.detach().double().numpy().copy() for p in params]
+        step_grads = [torch.tensor(g, dtype=dtype) for g in step_grads]
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        untouched = (loc == 'update' or dtype == BF16
+                     or (fused and step == 6))
+        for p, g, w in zip(params, step_grads, before):
+            if untouched:
+                assert torch.equal(p.grad, g), step
+            else:
+                want = project(g.double().numpy() + 0.1 * w, 'conv_fc')
+                np.testing.assert_allclose(p.grad.double().numpy(), want,
+                                           rtol=1e-6, atol=1e-6)
 
 
 def test_gc_of_the_update_keeps_row_means_fixed():

@@ -402,19 +402,27 @@ def test_benchmark_runs_and_writes_json(tmp_path):
                      '--json', str(out)], cwd=tmp_path)
     report = json.loads(out.read_text())
     assert report['tensors'] > 50
-    for family in ('sgd', 'adam'):
-        assert all(r['ms'] > 0 for r in report[family].values())
+    for family in ('sgd', 'adam', 'adamw', 'adagrad', 'radam'):
+        assert all(r['ms'] > 0 and r['transient_mb'] >= 0
+                   for r in report[family].values())
     assert "authors' SGD_GC (per tensor)" in proc.stdout
-    # The kernel installed by tools/install.sh is SGD_GC's default on CPU.
-    assert report['kernel_installed'] and report['kernel_load_s'] >= 0
+    # The kernels installed by tools/install.sh are the defaults on CPU.
+    for kernel in ('sgd', 'adaptive'):
+        assert report[f'{kernel}_kernel_installed']
+        assert report[f'{kernel}_kernel_load_s'] >= 0
     assert 'gc_mm SGD_GC (default: C++ kernel)' in report['sgd']
-    # torch's fastest steps are among those compared, and the wrapper
-    # wraps them.
-    for name in ('torch SGD fused', 'GCOptimWrapper(torch SGD fused)'):
-        assert name in report['sgd']
-    for name in ('torch Adam fused', 'torch AdamW fused',
-                 'GCOptimWrapper(torch AdamW fused)'):
-        assert name in report['adam']
+    # torch's fastest steps are among those compared (each family against
+    # its own base optimizer), and the wrapper wraps them.
+    for family, names in {
+            'sgd': ['torch SGD fused', 'GCOptimWrapper(SGD fused)',
+                    'GCOptimWrapper(SGD for-loop)'],
+            'adam': ['torch Adam fused', 'gc_mm Adam_GC2',
+                     'GCOptimWrapper(Adam fused)'],
+            'adamw': ['torch AdamW fused', 'gc_mm AdamW_GC',
+                      'GCOptimWrapper(AdamW fused)'],
+            'adagrad': ['torch Adagrad fused', 'gc_mm Adagrad_GCC'],
+            'radam': ['torch RAdam foreach', 'gc_mm Ranger (k=6)']}.items():
+        assert set(names) <= set(report[family]), family
     # The end-to-end mode compares the real twin pair, not a config with
     # itself.
     e2e = report['e2e']
@@ -435,14 +443,20 @@ def test_benchmark_variants_step_off_the_cpu():
         sys.path.pop(0)
     shapes = [(8, 3, 3, 3), (8, ), (4, 8, 1, 1), (10, 8)]
     device = torch.device('meta')
-    for family, count in (('sgd', 6), ('adam', 7)):
+    families = {'sgd': 6, 'adam': 8, 'adamw': 7, 'adagrad': 4, 'radam': 8}
+    for family, count in families.items():
         results = benchmark_gc.time_steps(shapes, family, device, 1, 0)
         assert len(results) == count and all(
             r['ms'] > 0 for r in results.values())
-    assert not any('fused' in name for family in ('sgd', 'adam')
+    assert not any('fused' in name for family in families
                    for name in benchmark_gc.variants(family, device))
     assert list(benchmark_gc.variants('sgd', device))[2:4] == [
         'gc_mm SGD_GC (default: multi-tensor)', 'gc_mm SGD_GC (plain path)']
+    # --only keeps the variants it matches and torch's own steps.
+    only = benchmark_gc.time_steps(shapes, 'adamw', device, 1, 0,
+                                   only='AdamW_GC2')
+    assert list(only) == ['torch AdamW foreach', 'torch AdamW for-loop',
+                          'gc_mm AdamW_GC2']
 
 
 FAILING_CXX = """#!/bin/sh
@@ -456,21 +470,30 @@ exit 1
 STEP_WITHOUT_KERNEL = """
 import torch, gc_mm, gc_mm.kernels
 assert gc_mm.__file__.startswith(%r), gc_mm.__file__
-assert gc_mm.kernels.installed('sgd') is None
+assert all(gc_mm.kernels.installed(k) is None for k in gc_mm.kernels.KERNELS)
 w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
 g = torch.randn_like(w)
+centralized = g - g.mean(dim=(1, 2, 3), keepdim=True)
 p = torch.nn.Parameter(w.clone())
 p.grad = g.clone()
 gc_mm.SGD_GC([p], lr=0.1, momentum=0.9).step()
-want = w - 0.1 * (g - g.mean(dim=(1, 2, 3), keepdim=True))
-torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-15)
+torch.testing.assert_close(p.detach(), w - 0.1 * centralized, rtol=0,
+                           atol=1e-15)
+# Adagrad's first step (sum 0): w - lr * d / (|d| + eps), d centralized.
+q = torch.nn.Parameter(w.clone())
+q.grad = g.clone()
+gc_mm.optimizers.Adagrad_GC([q], lr=0.1).step()
+torch.testing.assert_close(
+    q.detach(), w - 0.1 * centralized / (centralized.abs() + 1e-10),
+    rtol=0, atol=1e-12)
 print('stepped without a kernel')
 """
 
 
 def test_installs_and_steps_without_a_working_compiler(tmp_path):
     """pip builds gc_mm with a compiler that fails every compile: the wheel
-    has no kernel, and SGD_GC imports and steps without one."""
+    has no kernel, and SGD_GC and Adagrad_GC import and step without
+    one."""
     src = tmp_path / 'src'
     shutil.copytree(osp.join(REPO, 'gc_mm'), src / 'gc_mm',
                     ignore=shutil.ignore_patterns('*.so', '__pycache__'))
@@ -490,7 +513,9 @@ def test_installs_and_steps_without_a_working_compiler(tmp_path):
     [wheel] = glob.glob(str(tmp_path / 'w' / 'gc_mm-*.whl'))
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert 'gc_mm/kernels/sgd.cpp' in names
+        # The sources, for fused=True to compile on first use.
+        assert {'gc_mm/kernels/sgd.cpp', 'gc_mm/kernels/adaptive.cpp',
+                'gc_mm/kernels/rows.h'} <= set(names)
         assert not [n for n in names if n.endswith('.so')]
         archive.extractall(tmp_path / 'site')
     site = str(tmp_path / 'site')

@@ -50,19 +50,24 @@ def kernel_takes(param: Tensor, *tensors: Optional[Tensor]) -> bool:
     state; None for an absent one): a non-empty float32/float64 CPU tensor
     whose tensors share its dtype and memory layout, with each row one
     block of memory."""
-    # Called per tensor and step: the common case (all contiguous) first,
-    # without a permuted view.
-    if (param.dtype not in KERNEL_DTYPES or not param.is_cpu
-            or param.numel() == 0):
+    # Called per tensor and step, so written as plain loops (generator
+    # expressions cost more than the checks), the common case (all
+    # contiguous) without a permuted view.
+    dtype = param.dtype
+    if dtype not in KERNEL_DTYPES or not param.is_cpu or not param.numel():
         return False
-    tensors = [t for t in tensors if t is not None]
-    if any(t.dtype != param.dtype or not t.is_cpu for t in tensors):
+    order = None if param.is_contiguous() else rows_order(param)
+    if order is None and not param.is_contiguous():
         return False
-    if param.is_contiguous():
-        return all(t.is_contiguous() for t in tensors)
-    order = rows_order(param)
-    return order is not None and all(
-        t.permute(order).is_contiguous() for t in tensors)
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype != dtype or not t.is_cpu:
+            return False
+        if not (t.is_contiguous() if order is None else
+                t.permute(order).is_contiguous()):
+            return False
+    return True
 
 
 def in_memory_order(param: Tensor, *tensors: Optional[Tensor]) -> list:
@@ -150,8 +155,9 @@ def torch_step_with_gc(optimizer: Optimizer,
     if (kernel is None or kernels.installed(kernel) is None
             or not _plain_torch_options(optimizer)):
         return False
-    calls = {}  # id(group) -> (group, [(param, its tensors)])
+    calls = []  # (group, [(param, its tensors)])
     for group in optimizer.param_groups:
+        group_calls = []
         for param in group['params']:
             if param.grad is None:
                 continue
@@ -172,9 +178,10 @@ def torch_step_with_gc(optimizer: Optimizer,
                            state.get('max_exp_avg_sq'))
             if not kernel_takes(param, *tensors):
                 return False
-            calls.setdefault(id(group), (group, []))[1].append(
-                (param, tensors))
-    for group, group_calls in calls.values():
+            group_calls.append((param, tensors))
+        if group_calls:
+            calls.append((group, group_calls))
+    for group, group_calls in calls:
         if kernel == 'sgd':
             _torch_sgd_steps(group, group_calls, centralized)
         else:
