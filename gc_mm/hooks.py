@@ -289,9 +289,10 @@ class GradStatsHook(Hook):
         # OptimWrapper.update_params runs backward, step and zero_grad in one
         # call, so no runner hook sees the gradients; they are tapped inside
         # the step. A GC wrapper centralizes before calling the optimizer's
-        # step (a step pre-hook would see centralized gradients): it is
-        # tapped where it centralizes, after unscaling and clipping, by an
-        # instance attribute over its _centralize. Everything else (GC
+        # step, or inside its own fused step (a step pre-hook would see
+        # centralized gradients, or none): it is tapped where it
+        # centralizes, after unscaling and clipping, by its gc_tap.
+        # Everything else (GC
         # optimizers, baselines, mmengine's wrappers) is tapped by a step
         # pre-hook of the torch optimizer:
         # OptimWrapper/AmpOptimWrapper call optimizer.step after unscaling
@@ -341,13 +342,7 @@ class GradStatsHook(Hook):
         # step runs any code of this hook.
         self._armed = True
         if self._tap_wrapper:
-            centralize = type(self._wrapper)._centralize
-
-            def measured_centralize(plan):
-                self._measure()
-                centralize(plan)
-
-            self._wrapper._centralize = measured_centralize
+            self._wrapper.gc_tap = self._measure
         else:
             self._handle = self._wrapper.optimizer.register_step_pre_hook(
                 lambda optimizer, args, kwargs: self._measure())
@@ -356,7 +351,8 @@ class GradStatsHook(Hook):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._wrapper.__dict__.pop('_centralize', None)
+        if self._tap_wrapper:
+            self._wrapper.gc_tap = None
         self._armed = False
 
     @torch.no_grad()

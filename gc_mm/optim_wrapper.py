@@ -25,7 +25,7 @@ Example::
         optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
         clip_grad=dict(max_norm=35, norm_type=2))
 """
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
@@ -48,6 +48,10 @@ class CentralizeGradsMixin:
     """GC of the gradients in the wrapper, shared by both wrappers."""
 
     optimizer: Optimizer
+    # Called with the gradients GC is about to centralize (unscaled, clipped
+    # as gc_order says), once per update, on every path: GC in place or
+    # inside the fused step. GradStatsHook sets it to record them.
+    gc_tap: Optional[Callable[[], None]] = None
 
     def _setup_gc(self, gc_mode: Optional[str], gc_order: str) -> None:
         check_gc_mode(gc_mode)
@@ -138,8 +142,9 @@ class CentralizeGradsMixin:
                     centralized[param] = is_centralized(param.grad, gc_mode)
         return centralized
 
-    @staticmethod
-    def _centralize(plan: List[_GroupGC]) -> None:
+    def _centralize(self, plan: List[_GroupGC]) -> None:
+        if self.gc_tap is not None:
+            self.gc_tap()
         for grads, conv_only, out_dim, groups in plan:
             centralize_(grads, conv_only=conv_only, out_dim=out_dim,
                         groups=groups)
@@ -196,7 +201,8 @@ class GCOptimWrapper(CentralizeGradsMixin, OptimWrapper):
             # pass over memory (gradients then left as backward made them).
             centralized = self._centralized_params()
             if (not kwargs and centralized is not None
-                    and torch_step_with_gc(self.optimizer, centralized)):
+                    and torch_step_with_gc(self.optimizer, centralized,
+                                           before=self.gc_tap)):
                 return None
             self._centralize(plan)
             return self.optimizer.step(**kwargs)

@@ -14,7 +14,7 @@ were compiled at install (``kernels.installed``) or, with ``fused=True``,
 compiled on first use.
 """
 import math
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -141,16 +141,18 @@ def _plain_torch_options(optimizer: Optimizer) -> bool:
     return True
 
 
-def torch_step_with_gc(optimizer: Optimizer,
-                       centralized: Dict[Tensor, bool]) -> bool:
+def torch_step_with_gc(optimizer: Optimizer, centralized: Dict[Tensor, bool],
+                       before: Optional[Callable[[], None]] = None) -> bool:
     """Torch's SGD, Adam or AdamW step on centralized gradients, fused:
     ``centralized[p]`` says whether p's gradient is centralized (rows along
     dim 0). Updates the parameters and the optimizer's own state exactly as
     ``optimizer.step()`` would after GC of the gradients, to float rounding,
-    and returns True; returns False, with nothing changed, where it cannot
-    (another optimizer or option, a parameter the kernel cannot take, state
-    torch has not made yet: the first step), so the caller centralizes and
-    calls ``optimizer.step()`` instead."""
+    and returns True, calling ``before`` (if given) once its checks passed,
+    before anything changes. Returns False, with nothing changed and
+    ``before`` not called, where it cannot (another optimizer or option, a
+    parameter the kernel cannot take, state torch has not made yet: the
+    first step), so the caller centralizes and calls ``optimizer.step()``
+    instead."""
     kernel = _TORCH_KERNELS.get(type(optimizer))
     if (kernel is None or kernels.installed(kernel) is None
             or not _plain_torch_options(optimizer)):
@@ -181,6 +183,8 @@ def torch_step_with_gc(optimizer: Optimizer,
             group_calls.append((param, tensors))
         if group_calls:
             calls.append((group, group_calls))
+    if before is not None:
+        before()
     for group, group_calls in calls:
         if kernel == 'sgd':
             _torch_sgd_steps(group, group_calls, centralized)
