@@ -3,7 +3,11 @@
 ``GCOptimWrapper`` centralizes the gradients right before the wrapped
 optimizer's step, so torch SGD/AdamW or a third-party optimizer train with
 GC. ``AmpGCOptimWrapper`` does the same after the AMP loss scaler has
-unscaled the gradients. Both apply GC once per real update: with
+unscaled the gradients. Around torch's SGD, Adam and AdamW on CPU,
+``GCOptimWrapper`` steps the optimizer itself from its second step, with GC
+inside the update (the C++ kernels: one pass over memory, torch's numbers
+and state; ``gc_mm.optimizers.fused.torch_step_with_gc``), and leaves the
+gradients uncentralized. Both apply GC once per real update: with
 ``accumulative_counts`` the gradients are centralized only when they are
 applied, never per micro-batch.
 

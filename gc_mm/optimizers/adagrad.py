@@ -27,9 +27,9 @@ from torch import Tensor
 
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_,
-                   check_non_negative, group_layout)
+                   check_non_negative)
 from .fused import (KERNEL_DTYPES, adaptive_steps, check_fused_option,
-                    kernel_path, kernel_takes)
+                    kernel_takes)
 
 
 class _AdagradBase(GCOptimizer):
@@ -83,20 +83,6 @@ class _AdagradBase(GCOptimizer):
             state['step'] = 0
             state['sum'] = torch.full_like(
                 param, group['initial_accumulator_value'])
-
-    def _update_group(self, group: dict, params: List[Tensor]) -> None:
-        kernel = (kernel_path(group['fused'])
-                  and group_layout(group) == dict(out_dim=0, groups=1))
-        on_kernel, plain = [], []
-        for param in params:
-            if kernel and self._kernel_takes(param, group):
-                on_kernel.append(param)
-            else:
-                plain.append(param)
-        if on_kernel:
-            self._update_kernel(on_kernel, group)
-        if plain:
-            super()._update_group(group, plain)
 
     def _kernel_takes(self, param: Tensor, group: dict) -> bool:
         if param.dtype not in KERNEL_DTYPES or not param.is_cpu:

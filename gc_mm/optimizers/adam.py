@@ -48,9 +48,9 @@ from torch.optim.adam import adam
 
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
-                   check_non_negative, group_layout)
+                   check_non_negative)
 from .fused import (KERNEL_DTYPES, adaptive_steps, check_fused_option,
-                    kernel_path, kernel_takes)
+                    kernel_takes)
 
 # Devices where Adam_GC hands the update to torch's fused Adam (one kernel
 # per tensor for moments and update).
@@ -125,19 +125,16 @@ class _AdamBase(GCOptimizer):
         check_fused_option(group)
 
     def _update_group(self, group: dict, params: List[Tensor]) -> None:
-        kernel = (kernel_path(group['fused'])
-                  and group_layout(group) == dict(out_dim=0, groups=1))
-        # Adam_GC and Adam_GCC off the CPU are torch's Adam fed with
-        # P(g + wd * w): the decay and GC in place on the gradients, then
-        # torch's fused Adam. The authors' AdamW and the "2" variants have
-        # other update rules.
+        on_kernel, others = self._split_for_kernel(group, params)
+        # Adam_GC and Adam_GCC off the kernel (off the CPU) are torch's Adam
+        # fed with P(g + wd * w): the decay and GC in place on the
+        # gradients, then torch's fused Adam. The authors' AdamW and the
+        # "2" variants have other update rules.
         torch_fused = not (self.decoupled_weight_decay
                            or self.centralize_update)
-        on_kernel, on_torch_fused, plain = [], {}, []
-        for param in params:
-            if kernel and param.is_cpu and self._kernel_takes(param, group):
-                on_kernel.append(param)
-            elif torch_fused and _fits_torch_fused(param):
+        on_torch_fused, plain = {}, []
+        for param in others:
+            if torch_fused and _fits_torch_fused(param):
                 on_torch_fused.setdefault((param.device, param.dtype),
                                           []).append(param)
             else:
@@ -147,10 +144,10 @@ class _AdamBase(GCOptimizer):
         for tensors in on_torch_fused.values():
             self._update_fused(group, tensors)
         if plain:
-            super()._update_group(group, plain)
+            self._update_plain(group, plain)
 
     def _kernel_takes(self, param: Tensor, group: dict) -> bool:
-        if param.dtype not in KERNEL_DTYPES:
+        if param.dtype not in KERNEL_DTYPES or not param.is_cpu:
             return False  # half precision keeps float32 moments: plain path
         state = self.state[param]
         self._init_state(state, param, group)

@@ -1,9 +1,10 @@
 """What every gc_mm optimizer shares: argument checks, the per-group GC
 switch, the step loop, and float32 statistics for half-precision parameters.
 
-A family module (sgd.py, adam.py, adagrad.py) subclasses
+A family module (sgd.py, adam.py, adagrad.py, radam.py) subclasses
 :class:`GCOptimizer`, declares its hyper-parameter checks and implements
-``_update_tensor`` (the per-tensor maths, the plain path).
+``_update_tensor`` (the per-tensor maths, the plain path) and, with a C++
+kernel, ``_kernel_takes`` and ``_update_kernel``.
 """
 from itertools import chain
 from typing import Dict, List, Optional
@@ -14,6 +15,7 @@ from torch.optim import Optimizer
 
 from .. import kernels
 from ..centralize import centralize_, check_gc_mode, check_output_layout
+from .fused import kernel_path
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # The dtypes every path can update. GC and the update rules are written for
@@ -116,7 +118,11 @@ class GCOptimizer(Optimizer):
     def _check_dtype(self, param: Tensor, index: int) -> None:
         """Raise ValueError if no path can update ``param`` (complex, or
         another dtype than the four floating ones)."""
-        for what, tensor in (('parameter', param), ('gradient', param.grad)):
+        grad = param.grad
+        if param.dtype in SUPPORTED_DTYPES and (
+                grad is None or grad.dtype in SUPPORTED_DTYPES):
+            return  # the common case, per tensor and step: no loop
+        for what, tensor in (('parameter', param), ('gradient', grad)):
             if tensor is not None and tensor.dtype not in SUPPORTED_DTYPES:
                 raise ValueError(
                     f'{type(self).__name__} cannot update a {tensor.dtype} '
@@ -233,6 +239,37 @@ class GCOptimizer(Optimizer):
         return loss
 
     def _update_group(self, group: dict, params: List[Tensor]) -> None:
+        """The family's C++ kernel for the tensors it takes this step (one
+        call for the group), the plain path for the others."""
+        on_kernel, plain = self._split_for_kernel(group, params)
+        if on_kernel:
+            self._update_kernel(on_kernel, group)
+        if plain:
+            self._update_plain(group, plain)
+
+    def _split_for_kernel(self, group: dict, params: List[Tensor]) -> tuple:
+        """(the tensors the family's kernel takes this step, the others).
+        The kernels centralize rows along dim 0: a group laid out otherwise
+        (transposed convs per output unit) takes the other paths."""
+        if (self.kernel is None or not kernel_path(group['fused'], self.kernel)
+                or group_layout(group) != dict(out_dim=0, groups=1)):
+            return [], params
+        on_kernel, others = [], []
+        for param in params:
+            (on_kernel if self._kernel_takes(param, group) else
+             others).append(param)
+        return on_kernel, others
+
+    def _kernel_takes(self, param: Tensor, group: dict) -> bool:
+        """Whether the kernel makes ``param``'s step (its state made and
+        in the parameter's layout)."""
+        raise NotImplementedError
+
+    def _update_kernel(self, params: List[Tensor], group: dict) -> None:
+        """The kernel's step of ``params``, one call."""
+        raise NotImplementedError
+
+    def _update_plain(self, group: dict, params: List[Tensor]) -> None:
         """The plain path: one tensor at a time, in the authors' order."""
         for param in params:
             state = self.state[param]

@@ -56,9 +56,9 @@ from torch import Tensor
 
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
-                   check_non_negative, group_layout)
+                   check_non_negative)
 from .fused import (KERNEL_DTYPES, adaptive_steps, check_fused_option,
-                    kernel_path, kernel_takes)
+                    kernel_takes)
 from .lookahead import Lookahead
 
 GC_LOCS = ('gradient', 'update')
@@ -151,20 +151,6 @@ class RAdam_GC(GCOptimizer):
             state['step'] = 0
             state['exp_avg'] = torch.zeros_like(param)
             state['exp_avg_sq'] = torch.zeros_like(param)
-
-    def _update_group(self, group: dict, params: List[Tensor]) -> None:
-        kernel = (kernel_path(group['fused'])
-                  and group_layout(group) == dict(out_dim=0, groups=1))
-        on_kernel, plain = [], []
-        for param in params:
-            if kernel and self._kernel_takes(param, group):
-                on_kernel.append(param)
-            else:
-                plain.append(param)
-        if on_kernel:
-            self._update_kernel(on_kernel, group)
-        if plain:
-            super()._update_group(group, plain)
 
     def _kernel_takes(self, param: Tensor, group: dict) -> bool:
         """Whether the kernel makes this step: a rectified one (the

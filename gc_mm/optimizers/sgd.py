@@ -63,17 +63,18 @@ def _fast_path_takes(param: Tensor, grad: Tensor,
     non-empty float32/float64 tensor whose gradient and momentum buffer
     share its memory layout, with each row one block of memory. (Half
     precision takes the plain path, which does its maths in float32.)"""
-    if param.dtype not in KERNEL_DTYPES or param.numel() == 0:
+    # Per tensor and step: plain tests, the common case (all contiguous)
+    # first.
+    if param.dtype not in KERNEL_DTYPES or not param.numel():
         return False
     if buf is not None and (buf.dtype != param.dtype
                             or buf.device != param.device):
         return False
-    tensors = (grad, ) if buf is None else (grad, buf)
     if param.is_contiguous():
-        return all(t.is_contiguous() for t in tensors)
+        return grad.is_contiguous() and (buf is None or buf.is_contiguous())
     order = rows_order(param)
-    return order is not None and all(
-        t.permute(order).is_contiguous() for t in tensors)
+    return (order is not None and grad.permute(order).is_contiguous()
+            and (buf is None or buf.permute(order).is_contiguous()))
 
 
 def _momentum(params: List[Tensor], directions: List[Tensor],
@@ -394,14 +395,21 @@ class _SGDBase(GCOptimizer):
             if momentum:
                 state = self.state[param]
                 buf = state.get('momentum_buffer')
-                if buf is not None:
+                # A buffer made before the parameter changed layout,
+                # device or dtype follows it (_like; skipped, per tensor
+                # and step, where nothing changed).
+                if buf is not None and (buf.stride() != param.stride()
+                                        or buf.dtype != param.dtype
+                                        or buf.device != param.device):
                     buf = state['momentum_buffer'] = self._like(param, buf)
+            grad = param.grad
             path = by_device[param.is_cpu]
-            if path != 'plain' and not _fast_path_takes(param, param.grad,
-                                                        buf):
+            if path != 'plain' and not _fast_path_takes(param, grad, buf):
                 path = 'plain'
-            for values, value in zip(routed[path], (param, param.grad, buf)):
-                values.append(value)
+            path_params, grads, bufs = routed[path]
+            path_params.append(param)
+            grads.append(grad)
+            bufs.append(buf)
         options = dict(
             gc_mode=group['gc_mode'],
             lr=group['lr'],
