@@ -15,6 +15,7 @@ A kernel comes from one of two builds, both for this CPU's instruction set
   build once.
 """
 import functools
+import hashlib
 import importlib
 import logging
 import os
@@ -26,7 +27,8 @@ from typing import Optional
 import torch
 from mmengine.logging import print_log
 
-from .flags import KERNELS, cxx_flags, module_name
+from .flags import KERNELS  # noqa: F401 (re-exported: the kernels' names)
+from .flags import cxx_flags, module_name
 
 
 @functools.cache
@@ -67,10 +69,15 @@ def build(name: str):
     from torch.utils.cpp_extension import load as load_extension
     _put_ninja_on_path()
     source = osp.join(osp.dirname(__file__), f'{name}.cpp')
+    # torch's cache rebuilds when a source or a flag changed, not a header
+    # it includes: the header's hash goes into the flags.
+    with open(osp.join(osp.dirname(__file__), 'rows.h'), 'rb') as header:
+        header_hash = hashlib.sha256(header.read()).hexdigest()[:16]
     start = time.perf_counter()
     try:
-        module = load_extension(f'gc_mm_{module_name(name)}', [source],
-                                extra_cflags=cxx_flags())
+        module = load_extension(
+            f'gc_mm_{module_name(name)}', [source],
+            extra_cflags=cxx_flags() + [f'-DGC_MM_ROWS_H={header_hash}'])
     except Exception as error:
         raise RuntimeError(
             f'fused=True needs gc_mm/kernels/{name}.cpp compiled, which '

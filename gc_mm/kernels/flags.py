@@ -2,11 +2,11 @@
 build) and :func:`gc_mm.kernels.load` (build on first use).
 
 A kernel is built for the instruction set torch detects on this CPU and
-named after it (``sgd_avx2``, ``adaptive_avx2``), so a build is only ever loaded on a CPU that
-runs it (a home directory or an install shared by different machines holds
-one build per instruction set), and the compiler may use the vector units
-the CPU has (AVX2 and FMA; docs/benchmark.md has what they and the
-threads below are worth).
+named after it (``sgd_avx2``, ``adaptive_avx512``), so a build is only ever
+loaded on a CPU that runs it (a home directory or an install shared by
+different machines holds one build per instruction set), and the compiler
+may use the vector units the CPU has (AVX2 and FMA, AVX-512;
+docs/benchmark.md has what they and the threads below are worth).
 """
 import torch
 

@@ -4,10 +4,11 @@ SGD, Adam and AdamW for GCOptimWrapper: GC at no cost.
 Adam_GC, AdamW_GC, their "2" variants, Adagrad_GC and RAdam_GC call
 :func:`adaptive_steps` (the C++ kernel gc_mm/kernels/adaptive.cpp, one call
 per param group) for the CPU tensors :func:`kernel_takes`, with their own
-rule's numbers (bias corrections, rectification, lr decay). :func:`torch_step_with_gc` is
-torch's SGD, Adam or AdamW step on centralized gradients in one pass per
-tensor (the SGD and adaptive kernels), reading and writing the torch
-optimizer's own state, for :class:`~gc_mm.GCOptimWrapper`.
+rule's numbers (bias corrections, rectification, lr decay).
+:func:`torch_step_with_gc` is torch's SGD, Adam or AdamW step on
+centralized gradients in one pass per tensor (the SGD and adaptive
+kernels), reading and writing the torch optimizer's own state, for
+:class:`~gc_mm.GCOptimWrapper`.
 
 The kernels leave the gradients as backward left them, and run where they
 were compiled at install (``kernels.installed``) or, with ``fused=True``,

@@ -47,7 +47,7 @@ from .. import kernels
 from ..centralize import centralize_, is_centralized
 from .base import (CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative,
                    group_layout)
-from .fused import KERNEL_DTYPES, rows_order
+from .fused import KERNEL_DTYPES, in_memory_order, rows_order
 
 # What each path is called in errors and in docs/benchmark.md.
 PATH_NAMES = {
@@ -223,13 +223,7 @@ def _fused_sgd_gc(params: List[Tensor], grads: List[Tensor],
         first_steps.append(bool(momentum) and buf is None)
         if first_steps[-1]:
             buf = bufs[i] = torch.empty_like(param)
-        if param.is_contiguous():
-            laid_out.append((param, grad, buf))
-        else:  # the kernel takes rows in memory
-            order = rows_order(param)
-            laid_out.append(
-                [t if t is None else t.permute(order)
-                 for t in (param, grad, buf)])
+        laid_out.append(in_memory_order(param, grad, buf))
     kernels.load('sgd').sgd_gc_steps(
         *(list(t) for t in zip(*laid_out)),
         [is_centralized(param, gc_mode) for param in params], first_steps,

@@ -17,9 +17,9 @@ difference over the iteration time is GC's overhead per iteration.
 """
 import argparse
 import json
-import re
 import os.path as osp
 import platform
+import re
 import statistics
 import time
 
