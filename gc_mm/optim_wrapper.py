@@ -29,7 +29,7 @@ Example::
         optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
         clip_grad=dict(max_norm=35, norm_type=2))
 """
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Set, Tuple, Union
 
 import torch
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
@@ -44,8 +44,9 @@ from .optimizers.fused import torch_step_with_gc
 
 GC_ORDERS = ('clip_then_gc', 'gc_then_clip')
 
-# One group's GC: its gradients and centralize_'s options.
-_GroupGC = Tuple[List[Tensor], bool, int, int]
+# One group's GC: its gradients, those GC centralizes, and centralize_'s
+# options.
+_GroupGC = Tuple[List[Tensor], List[Tensor], bool, int, int]
 
 
 class CentralizeGradsMixin:
@@ -119,7 +120,8 @@ class CentralizeGradsMixin:
                 except ValueError as error:
                     raise ValueError(
                         f'param group {index}: {error}') from None
-            plan.append((grads, gc_mode == 'conv', out_dim, groups))
+            plan.append((grads, centralized, gc_mode == 'conv', out_dim,
+                         groups))
         return plan
 
     @torch.no_grad()
@@ -131,25 +133,20 @@ class CentralizeGradsMixin:
         if self.gc_order == 'clip_then_gc':
             self._centralize(plan)
 
-    def _centralized_params(self) -> Optional[Dict[Tensor, bool]]:
-        """Whether each parameter's gradient is centralized along dim 0 by
-        this step's GC, or None if a group centralizes another layout
-        (transposed convs per output unit), which only centralize_ does."""
-        centralized = {}
-        for group in self.optimizer.param_groups:
-            gc_mode = self.group_gc_mode(group)
-            if gc_mode is not None and (group.get('gc_out_dim', 0) != 0
-                                        or group.get('gc_groups', 1) != 1):
-                return None
-            for param in group['params']:
-                if param.grad is not None:
-                    centralized[param] = is_centralized(param.grad, gc_mode)
-        return centralized
+    @staticmethod
+    def _centralized_grads(plan: List[_GroupGC]) -> Optional[Set[Tensor]]:
+        """The gradients the plan centralizes along dim 0, or None if a
+        group centralizes another layout (transposed convs per output
+        unit), which only centralize_ does."""
+        if any((out_dim, groups) != (0, 1)
+               for *_, out_dim, groups in plan):
+            return None
+        return {grad for _, centralized, *_ in plan for grad in centralized}
 
     def _centralize(self, plan: List[_GroupGC]) -> None:
         if self.gc_tap is not None:
             self.gc_tap()
-        for grads, conv_only, out_dim, groups in plan:
+        for grads, _, conv_only, out_dim, groups in plan:
             centralize_(grads, conv_only=conv_only, out_dim=out_dim,
                         groups=groups)
 
@@ -203,7 +200,7 @@ class GCOptimWrapper(CentralizeGradsMixin, OptimWrapper):
                 self._clip_grad()
             # torch's SGD, Adam or AdamW on CPU: GC inside the update, one
             # pass over memory (gradients then left as backward made them).
-            centralized = self._centralized_params()
+            centralized = self._centralized_grads(plan)
             if (not kwargs and centralized is not None
                     and torch_step_with_gc(self.optimizer, centralized,
                                            before=self.gc_tap)):

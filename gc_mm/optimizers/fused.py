@@ -15,7 +15,7 @@ were compiled at install (``kernels.installed``) or, with ``fused=True``,
 compiled on first use.
 """
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional, Set
 
 import torch
 from torch import Tensor
@@ -142,13 +142,13 @@ def _plain_torch_options(optimizer: Optimizer) -> bool:
     return True
 
 
-def torch_step_with_gc(optimizer: Optimizer, centralized: Dict[Tensor, bool],
+def torch_step_with_gc(optimizer: Optimizer, centralized: Set[Tensor],
                        before: Optional[Callable[[], None]] = None) -> bool:
     """Torch's SGD, Adam or AdamW step on centralized gradients, fused:
-    ``centralized[p]`` says whether p's gradient is centralized (rows along
-    dim 0). Updates the parameters and the optimizer's own state exactly as
-    ``optimizer.step()`` would after GC of the gradients, to float rounding,
-    and returns True, calling ``before`` (if given) once its checks passed,
+    ``centralized`` holds the gradients GC centralizes (rows along dim 0),
+    the others are used as they are. Updates the parameters and the
+    optimizer's own state exactly as ``optimizer.step()`` would after GC of
+    the gradients, to float rounding, and returns True, calling ``before`` (if given) once its checks passed,
     before anything changes. Returns False, with nothing changed and
     ``before`` not called, where it cannot (another optimizer or option, a
     parameter the kernel cannot take, state torch has not made yet: the
@@ -164,7 +164,7 @@ def torch_step_with_gc(optimizer: Optimizer, centralized: Dict[Tensor, bool],
         for param in group['params']:
             if param.grad is None:
                 continue
-            if param.grad.is_sparse or param not in centralized:
+            if param.grad.is_sparse:
                 return False
             # .get: indexing the state (a defaultdict) would add an entry.
             state = optimizer.state.get(param, {})
@@ -195,18 +195,18 @@ def torch_step_with_gc(optimizer: Optimizer, centralized: Dict[Tensor, bool],
 
 
 def _torch_sgd_steps(group: dict, calls: list,
-                     centralized: Dict[Tensor, bool]) -> None:
+                     centralized: Set[Tensor]) -> None:
     """torch.optim.SGD's step on P(g): d = P(g) + wd * w, then momentum."""
     laid_out = [in_memory_order(param, *tensors) for param, tensors in calls]
     params, grads, bufs = (list(t) for t in zip(*laid_out))
     kernels.load('sgd').sgd_gc_steps(
-        params, grads, bufs, [centralized[param] for param, _ in calls],
+        params, grads, bufs, [param.grad in centralized for param, _ in calls],
         [False] * len(calls), group['lr'], group['weight_decay'], 'after_gc',
         group['momentum'], group['dampening'], group['nesterov'])
 
 
 def _torch_adam_steps(optimizer: Optimizer, group: dict, calls: list,
-                      centralized: Dict[Tensor, bool]) -> None:
+                      centralized: Set[Tensor]) -> None:
     """torch.optim.Adam/AdamW's step on P(g): coupled decay added after GC
     (Adam), or w *= 1 - lr * wd (AdamW). Torch keeps a step count tensor
     per parameter: they are counted together (a call per tensor costs more
@@ -222,7 +222,7 @@ def _torch_adam_steps(optimizer: Optimizer, group: dict, calls: list,
         list(t) for t in zip(*(tensors for _, tensors in calls)))
     adaptive_steps(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-        ['gradient' if centralized[p] else 'none' for p in params],
+        ['gradient' if p.grad in centralized else 'none' for p in params],
         weight_decay=group['weight_decay'],
         decay='decoupled' if decoupled else 'after_gc', beta1=beta1,
         beta2=beta2, denom_scales=[1 / math.sqrt(1 - beta2**t)
