@@ -148,12 +148,12 @@ def torch_step_with_gc(optimizer: Optimizer, centralized: Set[Tensor],
     ``centralized`` holds the gradients GC centralizes (rows along dim 0),
     the others are used as they are. Updates the parameters and the
     optimizer's own state exactly as ``optimizer.step()`` would after GC of
-    the gradients, to float rounding, and returns True, calling ``before`` (if given) once its checks passed,
-    before anything changes. Returns False, with nothing changed and
-    ``before`` not called, where it cannot (another optimizer or option, a
-    parameter the kernel cannot take, state torch has not made yet: the
-    first step), so the caller centralizes and calls ``optimizer.step()``
-    instead."""
+    the gradients, to float rounding, and returns True, calling ``before``
+    (if given) once its checks passed, before anything changes. Returns
+    False, with nothing changed and ``before`` not called, where it cannot
+    (another optimizer or option, a parameter the kernel cannot take, state
+    torch has not made yet: the first step), so the caller centralizes and
+    calls ``optimizer.step()`` instead."""
     kernel = _TORCH_KERNELS.get(type(optimizer))
     if (kernel is None or kernels.installed(kernel) is None
             or not _plain_torch_options(optimizer)):
