@@ -28,7 +28,7 @@ from torch import Tensor
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_,
                    check_non_negative)
-from .fused import (KERNEL_DTYPES, adaptive_steps, check_fused_option,
+from .fused import (KERNEL_DTYPES, adaptive_steps, check_path_option,
                     kernel_takes)
 
 
@@ -75,7 +75,7 @@ class _AdagradBase(GCOptimizer):
     def _check_group(self, group: dict) -> None:
         check_non_negative(group, 'lr', 'lr_decay', 'weight_decay',
                            'initial_accumulator_value', 'eps')
-        check_fused_option(group)
+        check_path_option(group)
 
     @staticmethod
     def _init_state(state: dict, param: Tensor, group: dict) -> None:

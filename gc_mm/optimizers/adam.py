@@ -49,7 +49,7 @@ from torch.optim.adam import adam
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
                    check_non_negative)
-from .fused import (KERNEL_DTYPES, adaptive_steps, check_fused_option,
+from .fused import (KERNEL_DTYPES, adaptive_steps, check_path_option,
                     kernel_takes)
 
 # Devices where Adam_GC hands the update to torch's fused Adam (one kernel
@@ -122,7 +122,7 @@ class _AdamBase(GCOptimizer):
     def _check_group(self, group: dict) -> None:
         check_non_negative(group, 'lr', 'eps', 'weight_decay')
         check_betas(group)
-        check_fused_option(group)
+        check_path_option(group)
 
     def _update_group(self, group: dict, params: List[Tensor]) -> None:
         on_kernel, others = self._split_for_kernel(group, params)

@@ -89,10 +89,12 @@ def kernel_path(fused: Optional[bool], kernel: str = 'adaptive') -> bool:
     return fused
 
 
-def check_fused_option(group: dict) -> None:
-    if not (group['fused'] is None or isinstance(group['fused'], bool)):
-        raise ValueError('fused must be None (automatic), True or False, got '
-                         f"{group['fused']!r}")
+def check_path_option(group: dict, name: str = 'fused') -> None:
+    """Raise ValueError unless a group's path option (``fused``,
+    ``foreach``) is None (automatic), True or False."""
+    if not (group[name] is None or isinstance(group[name], bool)):
+        raise ValueError(f'{name} must be None (automatic), True or False, '
+                         f'got {group[name]!r}')
 
 
 def adaptive_steps(params: List[Tensor], grads: List[Tensor],

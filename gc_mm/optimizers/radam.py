@@ -57,7 +57,7 @@ from torch import Tensor
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
                    check_non_negative)
-from .fused import (KERNEL_DTYPES, adaptive_steps, check_fused_option,
+from .fused import (KERNEL_DTYPES, adaptive_steps, check_path_option,
                     kernel_takes)
 from .lookahead import Lookahead
 
@@ -143,7 +143,7 @@ class RAdam_GC(GCOptimizer):
             raise ValueError(f"gc_loc must be 'gradient' (centralize the "
                              f"gradient) or 'update' (centralize the step), "
                              f"got {group['gc_loc']!r}")
-        check_fused_option(group)
+        check_path_option(group)
 
     @staticmethod
     def _init_state(state: dict, param: Tensor) -> None:

@@ -47,7 +47,8 @@ from .. import kernels
 from ..centralize import centralize_, is_centralized
 from .base import (CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative,
                    group_layout)
-from .fused import KERNEL_DTYPES, in_memory_order, rows_order
+from .fused import (KERNEL_DTYPES, check_path_option, in_memory_order,
+                    rows_order)
 
 # What each path is called in errors and in docs/benchmark.md.
 PATH_NAMES = {
@@ -325,9 +326,7 @@ class _SGDBase(GCOptimizer):
                              f"dampening = 0, got momentum={group['momentum']}"
                              f", dampening={group['dampening']}")
         for name in ('foreach', 'fused'):
-            if not (group[name] is None or isinstance(group[name], bool)):
-                raise ValueError(f'{name} must be None (automatic), True or '
-                                 f'False, got {group[name]!r}')
+            check_path_option(group, name)
         if group['fused'] and group['foreach']:
             raise ValueError('fused=True and foreach=True ask for two paths: '
                              'set one of them')
