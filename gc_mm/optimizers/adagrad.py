@@ -28,8 +28,7 @@ from torch import Tensor
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_,
                    check_non_negative)
-from .fused import (KERNEL_DTYPES, adaptive_steps, check_path_option,
-                    kernel_takes)
+from .fused import adaptive_steps, check_path_option
 
 
 class _AdagradBase(GCOptimizer):
@@ -85,15 +84,8 @@ class _AdagradBase(GCOptimizer):
                 param, group['initial_accumulator_value'])
 
     def _kernel_takes(self, param: Tensor, group: dict) -> bool:
-        if param.dtype not in KERNEL_DTYPES or not param.is_cpu:
-            return False  # half precision keeps a float32 sum: plain path
-        state = self.state[param]
-        self._init_state(state, param, group)
-        if kernel_takes(param, param.grad, state['sum']):
-            return True
-        # A sum made before the parameter changed layout follows it.
-        state['sum'] = self._like(param, state['sum'])
-        return kernel_takes(param, param.grad, state['sum'])
+        self._init_state(self.state[param], param, group)
+        return self._state_fits_kernel(param, ('sum', ))
 
     def _update_kernel(self, params: List[Tensor], group: dict) -> None:
         """The C++ kernel, one call for the group: no first moment,

@@ -49,8 +49,7 @@ from torch.optim.adam import adam
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
                    check_non_negative)
-from .fused import (KERNEL_DTYPES, adaptive_steps, check_path_option,
-                    kernel_takes)
+from .fused import adaptive_steps, check_path_option
 
 # Devices where Adam_GC hands the update to torch's fused Adam (one kernel
 # per tensor for moments and update).
@@ -147,18 +146,9 @@ class _AdamBase(GCOptimizer):
             self._update_plain(group, plain)
 
     def _kernel_takes(self, param: Tensor, group: dict) -> bool:
-        if param.dtype not in KERNEL_DTYPES or not param.is_cpu:
-            return False  # half precision keeps float32 moments: plain path
-        state = self.state[param]
-        self._init_state(state, param, group)
-        keys = [key for key in ('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq')
-                if key in state]
-        if kernel_takes(param, param.grad, *(state[key] for key in keys)):
-            return True
-        # Moments made before the parameter changed layout follow it.
-        for key in keys:
-            state[key] = self._like(param, state[key])
-        return kernel_takes(param, param.grad, *(state[key] for key in keys))
+        self._init_state(self.state[param], param, group)
+        return self._state_fits_kernel(
+            param, ('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'))
 
     def _update_kernel(self, params: List[Tensor], group: dict) -> None:
         """The C++ kernel, one call for the group: this variant's rule as

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from .. import kernels
 from ..centralize import centralize_, check_gc_mode, check_output_layout
-from .fused import kernel_path
+from .fused import KERNEL_DTYPES, kernel_path, kernel_takes
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # The dtypes every path can update. GC and the update rules are written for
@@ -256,14 +256,29 @@ class GCOptimizer(Optimizer):
             return [], params
         on_kernel, others = [], []
         for param in params:
-            (on_kernel if self._kernel_takes(param, group) else
-             others).append(param)
+            # Half precision keeps float32 state: the plain path.
+            takes = (param.dtype in KERNEL_DTYPES and param.is_cpu
+                     and self._kernel_takes(param, group))
+            (on_kernel if takes else others).append(param)
         return on_kernel, others
 
     def _kernel_takes(self, param: Tensor, group: dict) -> bool:
-        """Whether the kernel makes ``param``'s step (its state made and
-        in the parameter's layout)."""
+        """Whether the kernel makes this float32/float64 CPU tensor's
+        step: its state made, then :meth:`_state_fits_kernel`."""
         raise NotImplementedError
+
+    def _state_fits_kernel(self, param: Tensor, keys: tuple) -> bool:
+        """Whether ``param``, its gradient and the state tensors ``keys``
+        it has share a layout the kernel takes. State made before the
+        parameter changed layout follows it first (checked before, as this
+        runs per tensor and step and the layout rarely changes)."""
+        state = self.state[param]
+        keys = [key for key in keys if key in state]
+        if kernel_takes(param, param.grad, *(state[key] for key in keys)):
+            return True
+        for key in keys:
+            state[key] = self._like(param, state[key])
+        return kernel_takes(param, param.grad, *(state[key] for key in keys))
 
     def _update_kernel(self, params: List[Tensor], group: dict) -> None:
         """The kernel's step of ``params``, one call."""

@@ -57,8 +57,7 @@ from torch import Tensor
 from ..centralize import is_centralized
 from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
                    check_non_negative)
-from .fused import (KERNEL_DTYPES, adaptive_steps, check_path_option,
-                    kernel_takes)
+from .fused import adaptive_steps, check_path_option
 from .lookahead import Lookahead
 
 GC_LOCS = ('gradient', 'update')
@@ -154,22 +153,12 @@ class RAdam_GC(GCOptimizer):
 
     def _kernel_takes(self, param: Tensor, group: dict) -> bool:
         """Whether the kernel makes this step: a rectified one (the
-        un-adapted first steps are a different rule, on the plain path) of
-        a float32/float64 CPU tensor."""
-        if param.dtype not in KERNEL_DTYPES or not param.is_cpu:
-            return False
+        un-adapted first steps are a different rule, on the plain path)."""
         state = self.state[param]
         self._init_state(state, param)
         if rectification(group['betas'][1], state['step'] + 1) is None:
             return False
-        if kernel_takes(param, param.grad, state['exp_avg'],
-                        state['exp_avg_sq']):
-            return True
-        # Moments made before the parameter changed layout follow it.
-        for key in ('exp_avg', 'exp_avg_sq'):
-            state[key] = self._like(param, state[key])
-        return kernel_takes(param, param.grad, state['exp_avg'],
-                            state['exp_avg_sq'])
+        return self._state_fits_kernel(param, ('exp_avg', 'exp_avg_sq'))
 
     def _update_kernel(self, params: List[Tensor], group: dict) -> None:
         """Rectified steps in the C++ kernel, one call for the group:
