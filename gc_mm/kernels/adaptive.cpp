@@ -15,11 +15,11 @@
 //   w = keep * w - step_size * u   (keep = 1 - lr * wd if 'decoupled', else 1)
 //
 // The caller turns each optimizer's rule into these numbers (bias
-// corrections, RAdam's rectification, Adagrad's lr decay:
-// gc_mm/optimizers/adaptive_kernel.py). Centralizing the gradient, a row's
-// sum of d is taken while the row before it is updated; centralizing the
-// update, a row's u is written to a per-thread scratch row (in cache) with
-// its sum, then applied. Either way g, w and the moments come from memory
+// corrections, RAdam's rectification, Adagrad's lr decay: each family's
+// _update_kernel in gc_mm/optimizers/, through fused.adaptive_steps).
+// Centralizing the gradient, a row's sum of d is taken while the row before
+// it is updated; centralizing the update, a row's u is written to a
+// per-thread scratch row (in cache) with its sum, then applied. Either way g, w and the moments come from memory
 // once and w and the moments are written once, as in an update without GC.
 // The gradient is not modified.
 #include "rows.h"
@@ -122,7 +122,7 @@ double sweep(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
   return total;
 }
 
-// sweep over the row at offset at of t (and the sum of the row at next).
+// sweep() over the row of t at offset at (and the sum of the row at next).
 template <typename scalar_t, Sweep kSweep, bool kMoment1, bool kAmsgrad,
           Decay kDecay, bool kSumNext>
 double sweep_row(const Tensors<scalar_t>& t, int64_t at, int64_t next,
@@ -151,23 +151,24 @@ void adaptive_step(const Tensors<scalar_t>& t, int64_t rows, int64_t cols,
                    const Coefficients<scalar_t>& c) {
   if constexpr (kCenter == Center::kNone) {
     for_blocks(rows * cols, [&](int64_t at, int64_t n) {
-      sweep_row<scalar_t, Sweep::kUpdate, kMoment1, kAmsgrad, kDecay, false>(
-          t, at, 0, n, scalar_t(0), nullptr, c);
+      sweep_row<scalar_t, Sweep::kUpdate, kMoment1, kAmsgrad, kDecay,
+                false>(t, at, 0, n, scalar_t(0), nullptr, c);
     });
   } else if constexpr (kCenter == Center::kGradient) {
     const auto sum_first = [&](int64_t row) {
-      return sweep_row<scalar_t, Sweep::kSumOnly, kMoment1, kAmsgrad, kDecay,
-                   true>(t, 0, row * cols, cols, scalar_t(0), nullptr, c);
+      return sweep_row<scalar_t, Sweep::kSumOnly, kMoment1, kAmsgrad,
+                       kDecay, true>(t, 0, row * cols, cols, scalar_t(0),
+                                     nullptr, c);
     };
     const auto update = [&](int64_t row, double mean, bool sum_next) {
       if (sum_next) {
-        return sweep_row<scalar_t, Sweep::kUpdate, kMoment1, kAmsgrad, kDecay,
-                     true>(t, row * cols, (row + 1) * cols, cols,
-                           scalar_t(mean), nullptr, c);
+        return sweep_row<scalar_t, Sweep::kUpdate, kMoment1, kAmsgrad,
+                         kDecay, true>(t, row * cols, (row + 1) * cols, cols,
+                                       scalar_t(mean), nullptr, c);
       }
-      return sweep_row<scalar_t, Sweep::kUpdate, kMoment1, kAmsgrad, kDecay,
-                   false>(t, row * cols, 0, cols, scalar_t(mean), nullptr,
-                          c);
+      return sweep_row<scalar_t, Sweep::kUpdate, kMoment1, kAmsgrad,
+                       kDecay, false>(t, row * cols, 0, cols, scalar_t(mean),
+                                      nullptr, c);
     };
     for_rows(rows, cols, sum_first, update);
   } else {
@@ -176,9 +177,9 @@ void adaptive_step(const Tensors<scalar_t>& t, int64_t rows, int64_t cols,
       std::vector<scalar_t> scratch(cols);
       for (int64_t row = begin; row < end; ++row) {
         const double sum =
-            sweep_row<scalar_t, Sweep::kToScratch, kMoment1, kAmsgrad, kDecay,
-                  false>(t, row * cols, 0, cols, scalar_t(0),
-                         scratch.data(), c);
+            sweep_row<scalar_t, Sweep::kToScratch, kMoment1, kAmsgrad,
+                      kDecay, false>(t, row * cols, 0, cols, scalar_t(0),
+                                     scratch.data(), c);
         apply_centered<scalar_t, kDecay>(t.w + row * cols, scratch.data(),
                                          cols, scalar_t(sum / cols), c);
       }

@@ -80,10 +80,10 @@ def in_memory_order(param: Tensor, *tensors: Optional[Tensor]) -> list:
     return [t if t is None else t.permute(order) for t in (param, *tensors)]
 
 
-def kernel_path(fused: Optional[bool], kernel: str = 'adaptive') -> bool:
-    """Whether a group's CPU tensors take the kernel: ``fused=True`` always
-    (built on first use if it was not installed), None where it was
-    installed, False never."""
+def kernel_path(fused: Optional[bool], kernel: str) -> bool:
+    """Whether a group's CPU tensors take the kernel ``kernel``:
+    ``fused=True`` always (built on first use if it was not installed),
+    None where it was installed, False never."""
     if fused is None:
         return kernels.installed(kernel) is not None
     return fused
