@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from .. import kernels
 from ..centralize import centralize_, check_gc_mode, check_output_layout
-from .fused import KERNEL_DTYPES, kernel_path, kernel_takes
+from .fused import KERNEL_DTYPES, fast_path_takes, kernel_path
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # The dtypes every path can update. GC and the update rules are written for
@@ -274,11 +274,11 @@ class GCOptimizer(Optimizer):
         runs per tensor and step and the layout rarely changes)."""
         state = self.state[param]
         keys = [key for key in keys if key in state]
-        if kernel_takes(param, param.grad, *(state[key] for key in keys)):
+        if fast_path_takes(param, param.grad, *(state[k] for k in keys)):
             return True
         for key in keys:
             state[key] = self._like(param, state[key])
-        return kernel_takes(param, param.grad, *(state[key] for key in keys))
+        return fast_path_takes(param, param.grad, *(state[k] for k in keys))
 
     def _update_kernel(self, params: List[Tensor], group: dict) -> None:
         """The kernel's step of ``params``, one call."""

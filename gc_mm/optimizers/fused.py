@@ -3,7 +3,7 @@ SGD, Adam and AdamW for GCOptimWrapper: GC at no cost.
 
 Adam_GC, AdamW_GC, their "2" variants, Adagrad_GC and RAdam_GC call
 :func:`adaptive_steps` (the C++ kernel gc_mm/kernels/adaptive.cpp, one call
-per param group) for the CPU tensors :func:`kernel_takes`, with their own
+per param group) for the CPU tensors :func:`fast_path_takes`, with their own
 rule's numbers (bias corrections, rectification, lr decay).
 :func:`torch_step_with_gc` is torch's SGD, Adam or AdamW step on
 centralized gradients in one pass per tensor (the SGD and adaptive
@@ -46,16 +46,17 @@ def rows_order(tensor: Tensor) -> Optional[List[int]]:
     return order if tensor.permute(order).is_contiguous() else None
 
 
-def kernel_takes(param: Tensor, *tensors: Optional[Tensor]) -> bool:
-    """Whether a kernel can update ``param`` with these tensors (gradient,
-    state; None for an absent one): a non-empty float32/float64 CPU tensor
-    whose tensors share its dtype and memory layout, with each row one
-    block of memory."""
+def fast_path_takes(param: Tensor, *tensors: Optional[Tensor]) -> bool:
+    """Whether the fast paths (the C++ kernels, which also need the CPU:
+    their callers check it; SGD's multi-tensor path anywhere) can update
+    ``param`` with these tensors (gradient, state; None for an absent
+    one): a non-empty float32/float64 tensor whose tensors share its
+    device, dtype and memory layout, with each row one block of memory."""
     # Called per tensor and step, so written as plain loops (generator
     # expressions cost more than the checks), the common case (all
     # contiguous) without a permuted view.
-    dtype = param.dtype
-    if dtype not in KERNEL_DTYPES or not param.is_cpu or not param.numel():
+    dtype, on_cpu = param.dtype, param.is_cpu
+    if dtype not in KERNEL_DTYPES or not param.numel():
         return False
     order = None if param.is_contiguous() else rows_order(param)
     if order is None and not param.is_contiguous():
@@ -63,7 +64,8 @@ def kernel_takes(param: Tensor, *tensors: Optional[Tensor]) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if t.dtype != dtype or not t.is_cpu:
+        if t.dtype != dtype or not (t.is_cpu if on_cpu else
+                                    t.device == param.device):
             return False
         if not (t.is_contiguous() if order is None else
                 t.permute(order).is_contiguous()):
@@ -181,7 +183,7 @@ def torch_step_with_gc(optimizer: Optimizer, centralized: Set[Tensor],
                     return False
                 tensors = (param.grad, state['exp_avg'], state['exp_avg_sq'],
                            state.get('max_exp_avg_sq'))
-            if not kernel_takes(param, *tensors):
+            if not (param.is_cpu and fast_path_takes(param, *tensors)):
                 return False
             group_calls.append((param, tensors))
         if group_calls:

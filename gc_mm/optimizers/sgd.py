@@ -47,7 +47,7 @@ from .. import kernels
 from ..centralize import centralize_, is_centralized
 from .base import (CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative,
                    group_layout)
-from .fused import (KERNEL_DTYPES, check_path_option, in_memory_order,
+from .fused import (check_path_option, fast_path_takes, in_memory_order,
                     rows_order)
 
 # What each path is called in errors and in docs/benchmark.md.
@@ -56,26 +56,6 @@ PATH_NAMES = {
     'multi_tensor': 'multi-tensor (foreach)',
     'plain': 'plain (single-tensor)',
 }
-
-
-def _fast_path_takes(param: Tensor, grad: Tensor,
-                     buf: Optional[Tensor]) -> bool:
-    """Whether the fused and multi-tensor paths can update ``param``: a
-    non-empty float32/float64 tensor whose gradient and momentum buffer
-    share its memory layout, with each row one block of memory. (Half
-    precision takes the plain path, which does its maths in float32.)"""
-    # Per tensor and step: plain tests, the common case (all contiguous)
-    # first.
-    if param.dtype not in KERNEL_DTYPES or not param.numel():
-        return False
-    if buf is not None and (buf.dtype != param.dtype
-                            or buf.device != param.device):
-        return False
-    if param.is_contiguous():
-        return grad.is_contiguous() and (buf is None or buf.is_contiguous())
-    order = rows_order(param)
-    return (order is not None and grad.permute(order).is_contiguous()
-            and (buf is None or buf.permute(order).is_contiguous()))
 
 
 def _momentum(params: List[Tensor], directions: List[Tensor],
@@ -171,7 +151,7 @@ def _multi_tensor_sgd_gc(params: List[Tensor], grads: List[Tensor],
                          weight_decay: float, momentum: float,
                          dampening: float, nesterov: bool,
                          decoupled_weight_decay: bool) -> None:
-    """The multi-tensor path, for tensors :func:`_fast_path_takes`: each
+    """The multi-tensor path, for tensors :func:`fast_path_takes`: each
     op of the step runs once per batch (torch's ``_foreach`` ops), so a GPU
     launches a few kernels per batch instead of several per tensor;
     transient memory at most the largest gradient."""
@@ -216,7 +196,7 @@ def _fused_sgd_gc(params: List[Tensor], grads: List[Tensor],
                   decoupled_weight_decay: bool) -> None:
     """The C++ kernel (gc_mm/kernels/sgd.cpp), one call for all the
     tensors (each checked before any moves), for CPU tensors
-    :func:`_fast_path_takes`. The kernel writes a first step's buffer,
+    :func:`fast_path_takes`. The kernel writes a first step's buffer,
     which enters ``momentum_buffers`` once the call returned."""
     laid_out, first_steps, bufs = [], [], list(momentum_buffers)
     for i, (param, grad) in enumerate(zip(params, grads)):
@@ -397,7 +377,7 @@ class _SGDBase(GCOptimizer):
                     buf = state['momentum_buffer'] = self._like(param, buf)
             grad = param.grad
             path = by_device[param.is_cpu]
-            if path != 'plain' and not _fast_path_takes(param, grad, buf):
+            if path != 'plain' and not fast_path_takes(param, grad, buf):
                 path = 'plain'
             path_params, grads, bufs = routed[path]
             path_params.append(param)
