@@ -72,6 +72,11 @@ double sweep(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
     const int64_t end = std::min(n, i + kBlock);
     scalar_t part[kLanes] = {};
     for (; i + kLanes <= end; i += kLanes) {
+      if constexpr (kSum) {  // its streams from memory, asked for ahead
+        prefetch_lanes(g_next, i);
+        prefetch_lanes(w_next, i);
+        if constexpr (kUpdate == Update::kMomentum) prefetch_lanes(buf, i);
+      }
       for (int k = 0; k < kLanes; ++k) {
         if constexpr (kSum) {
           part[k] += GC_MM_CENTRALIZED(g_next, w_next, i + k);
