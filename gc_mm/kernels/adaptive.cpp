@@ -104,16 +104,14 @@ double sweep(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
     const int64_t end = std::min(n, i + kBlock);
     scalar_t part[kLanes] = {};
     for (; i + kLanes <= end; i += kLanes) {
-      // The streams that come from memory, asked for ahead (rows.h): the
-      // next row's and the state, or the row GC of the update reads.
-      if constexpr (kSumNext || kSweep == Sweep::kToScratch) {
-        prefetch_lanes(kSumNext ? g_next : g, i);
-        prefetch_lanes(kSumNext ? w_next : w, i);
-        if constexpr (kSweep != Sweep::kSumOnly) {
-          if constexpr (kMoment1) prefetch_lanes(m, i);
-          prefetch_lanes(v, i);
-          if constexpr (kAmsgrad) prefetch_lanes(v_max, i);
-        }
+      // The streams from memory, asked for ahead (rows.h): the next row's
+      // gradient and weights where this sweep sums it, else this row's.
+      prefetch_lanes(kSumNext ? g_next : g, i);
+      prefetch_lanes(kSumNext ? w_next : w, i);
+      if constexpr (kSweep != Sweep::kSumOnly) {
+        if constexpr (kMoment1) prefetch_lanes(m, i);
+        prefetch_lanes(v, i);
+        if constexpr (kAmsgrad) prefetch_lanes(v_max, i);
       }
       for (int k = 0; k < kLanes; ++k) {
         if constexpr (kSumNext) {

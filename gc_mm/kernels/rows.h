@@ -49,13 +49,14 @@ constexpr int64_t kGrainElements = 1 << 15;
 constexpr int kLanes = 16;
 constexpr int64_t kBlock = kLanes * 64;
 
-// How far ahead a centralized sweep asks for its memory. Summing the next
-// row beside an update runs about twice the instructions per element of a
-// step without GC, so fewer of its loads are in flight at once: on the
-// hardware prefetcher alone it ran 5-10% slower than the same sweep without
-// GC; asking 2 KiB ahead brought it level (docs/benchmark.md). Sweeps
-// without GC are left to the hardware: asking ahead there made them 13-20%
-// slower.
+// How far ahead a sweep asks for its memory. The hardware prefetcher alone
+// keeps too few loads in flight for a loop that runs many instructions per
+// element: SGD's centralized sweep (the next row's sum beside the update)
+// ran 5-10% slower than the same sweep without GC, and the adaptive steps
+// only level with torch's fused Adam; asking 2 KiB ahead made both 5-20%
+// faster than torch's fused steps (docs/benchmark.md). SGD's sweep without
+// GC, a few instructions per element, is left to the hardware: asking
+// ahead made it 13-20% slower.
 constexpr std::uintptr_t kPrefetchBytes = 2048;
 
 // Asks the cache for the lines of p[i, i + kLanes) kPrefetchBytes ahead. A
