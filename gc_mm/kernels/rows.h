@@ -53,11 +53,12 @@ constexpr int64_t kBlock = kLanes * 64;
 // keeps too few loads in flight for a loop that runs many instructions per
 // element: SGD's centralized sweep (the next row's sum beside the update)
 // ran 5-10% slower than the same sweep without GC, and the adaptive steps
-// only level with torch's fused Adam; asking 2 KiB ahead made both 5-20%
-// faster than torch's fused steps (docs/benchmark.md). SGD's sweep without
-// GC, a few instructions per element, is left to the hardware: asking
-// ahead made it 13-20% slower.
+// only level with torch's fused Adam; asking 2 KiB ahead brought both
+// below torch's fused steps (docs/benchmark.md). SGD's sweep without GC, a
+// few instructions per element, is left to the hardware: asking ahead made
+// it 13-20% slower.
 constexpr std::uintptr_t kPrefetchBytes = 2048;
+constexpr std::uintptr_t kCacheLineBytes = 64;
 
 // Asks the cache for the lines of p[i, i + kLanes) kPrefetchBytes ahead. A
 // prefetch never faults; the address is computed as an integer, since it
@@ -68,7 +69,7 @@ inline void prefetch_lanes(const scalar_t* p, int64_t i) {
       reinterpret_cast<std::uintptr_t>(p) + i * sizeof(scalar_t) +
       kPrefetchBytes;
   for (std::uintptr_t line = 0; line < kLanes * sizeof(scalar_t);
-       line += 64) {
+       line += kCacheLineBytes) {
     __builtin_prefetch(reinterpret_cast<const void*>(at + line));
   }
 }
