@@ -19,9 +19,9 @@
 // _update_kernel in gc_mm/optimizers/, through fused.adaptive_steps).
 // Centralizing the gradient, a row's sum of d is taken while the row before
 // it is updated; centralizing the update, a row's u is written to a
-// per-thread scratch row (in cache) with its sum, then applied. Either way g, w and the moments come from memory
-// once and w and the moments are written once, as in an update without GC.
-// The gradient is not modified.
+// per-thread scratch row (in cache) with its sum, then applied. Either way
+// g, w and the moments come from memory once and w and the moments are
+// written once, as in an update without GC. The gradient is not modified.
 #include "rows.h"
 
 #include <cmath>
@@ -282,15 +282,13 @@ void adaptive_gc_steps(
                   max_exp_avg_sqs[i]);
     parsed_centers.push_back(parse_center(centers[i]));
   }
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& param = params[i];
-    if (param.numel() == 0) continue;
-    const int64_t rows = param.dim() > 1 ? param.size(0) : 1;
+  for_each_tensor(params, [&](size_t i, int64_t rows, int64_t cols) {
     const auto& m = exp_avgs[i];
     const auto& v_max = max_exp_avg_sqs[i];
-    AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "adaptive_gc_steps", [&] {
+    AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "adaptive_gc_steps",
+                               [&] {
       const Tensors<scalar_t> t{
-          param.data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(),
+          params[i].data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(),
           m.has_value() ? m->data_ptr<scalar_t>() : nullptr,
           exp_avg_sqs[i].data_ptr<scalar_t>(),
           v_max.has_value() ? v_max->data_ptr<scalar_t>() : nullptr};
@@ -298,10 +296,10 @@ void adaptive_gc_steps(
           scalar_t(weight_decay),    scalar_t(keep),  scalar_t(beta1),
           scalar_t(new1),            scalar_t(beta2), scalar_t(new2),
           scalar_t(denom_scales[i]), scalar_t(eps),   scalar_t(step_sizes[i])};
-      adaptive_step<scalar_t>(t, rows, param.numel() / rows,
-                              parsed_centers[i], parsed_decay, c);
+      adaptive_step<scalar_t>(t, rows, cols, parsed_centers[i], parsed_decay,
+                              c);
     });
-  }
+  });
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace gc_mm {
 
@@ -100,6 +101,20 @@ void for_rows(int64_t rows, int64_t cols, const SumFirst& sum_first,
       sum = update(row, sum / cols, row + 1 < end);
     }
   });
+}
+
+// Calls step(i, rows, cols) for each non-empty tensor of a list, as the
+// rows GC centralizes (the slices of dim 0; a 1-D tensor is one row) of
+// cols elements.
+template <typename Step>
+void for_each_tensor(const std::vector<at::Tensor>& tensors,
+                     const Step& step) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) continue;
+    const int64_t rows = t.dim() > 1 ? t.size(0) : 1;
+    step(i, rows, t.numel() / rows);
+  }
 }
 
 // Calls f with std::integral_constant<decltype(value), value>, so a run-time

@@ -194,19 +194,16 @@ void sgd_gc_steps(const std::vector<at::Tensor>& params,
   for (size_t i = 0; i < n; ++i) {
     check_tensors(params[i], grads[i], buffers[i], momentum);
   }
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& param = params[i];
-    if (param.numel() == 0) continue;
-    const int64_t rows = param.dim() > 1 ? param.size(0) : 1;
-    AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sgd_gc_steps", [&] {
+  for_each_tensor(params, [&](size_t i, int64_t rows, int64_t cols) {
+    AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "sgd_gc_steps", [&] {
       sgd_step<scalar_t>(
-          param.data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(),
+          params[i].data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(),
           buffers[i].has_value() ? buffers[i]->data_ptr<scalar_t>()
                                  : nullptr,
-          rows, param.numel() / rows, centralize[i], lr, weight_decay,
-          parsed, momentum, dampening, nesterov, first_step[i]);
+          rows, cols, centralize[i], lr, weight_decay, parsed, momentum,
+          dampening, nesterov, first_step[i]);
     });
-  }
+  });
 }
 
 }  // namespace

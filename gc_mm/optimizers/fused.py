@@ -1,10 +1,11 @@
 """The fused CPU steps of the adaptive families, and of torch.optim's own
 SGD, Adam and AdamW for GCOptimWrapper: GC at no cost.
 
-Adam_GC, AdamW_GC, their "2" variants, Adagrad_GC and RAdam_GC call
-:func:`adaptive_steps` (the C++ kernel gc_mm/kernels/adaptive.cpp, one call
-per param group) for the CPU tensors :func:`fast_path_takes`, with their own
-rule's numbers (bias corrections, rectification, lr decay).
+SGD_GC calls :func:`sgd_steps` (gc_mm/kernels/sgd.cpp); Adam_GC,
+AdamW_GC, their "2" variants, Adagrad_GC and RAdam_GC call
+:func:`adaptive_steps` (gc_mm/kernels/adaptive.cpp, one call per param
+group) for the CPU tensors :func:`fast_path_takes`, with their own rule's
+numbers (bias corrections, rectification, lr decay).
 :func:`torch_step_with_gc` is torch's SGD, Adam or AdamW step on
 centralized gradients in one pass per tensor (the SGD and adaptive
 kernels), reading and writing the torch optimizer's own state, for
@@ -97,6 +98,23 @@ def check_path_option(group: dict, name: str = 'fused') -> None:
     if not (group[name] is None or isinstance(group[name], bool)):
         raise ValueError(f'{name} must be None (automatic), True or False, '
                          f'got {group[name]!r}')
+
+
+def sgd_steps(params: List[Tensor], grads: List[Tensor],
+              momentum_buffers: List[Optional[Tensor]],
+              centralize: List[bool], first_steps: List[bool], *, lr: float,
+              weight_decay: float, decay: str, momentum: float,
+              dampening: float, nesterov: bool) -> None:
+    """One call of the SGD kernel for a list of tensors (see
+    gc_mm/kernels/sgd.cpp for the rule): per tensor ``centralize`` and
+    ``first_steps`` (its buffer is written, not read); a buffer is None
+    when momentum is 0; ``decay`` 'inside_gc', 'after_gc' or
+    'decoupled'."""
+    laid_out = [in_memory_order(*tensors) for tensors in zip(
+        params, grads, momentum_buffers)]
+    kernels.load('sgd').sgd_gc_steps(
+        *(list(tensors) for tensors in zip(*laid_out)), centralize,
+        first_steps, lr, weight_decay, decay, momentum, dampening, nesterov)
 
 
 def adaptive_steps(params: List[Tensor], grads: List[Tensor],
@@ -201,12 +219,13 @@ def torch_step_with_gc(optimizer: Optimizer, centralized: Set[Tensor],
 def _torch_sgd_steps(group: dict, calls: list,
                      centralized: Set[Tensor]) -> None:
     """torch.optim.SGD's step on P(g): d = P(g) + wd * w, then momentum."""
-    laid_out = [in_memory_order(param, *tensors) for param, tensors in calls]
-    params, grads, bufs = (list(t) for t in zip(*laid_out))
-    kernels.load('sgd').sgd_gc_steps(
-        params, grads, bufs, [param.grad in centralized for param, _ in calls],
-        [False] * len(calls), group['lr'], group['weight_decay'], 'after_gc',
-        group['momentum'], group['dampening'], group['nesterov'])
+    params = [param for param, _ in calls]
+    grads, bufs = (list(t) for t in zip(*(tensors for _, tensors in calls)))
+    sgd_steps(params, grads, bufs, [grad in centralized for grad in grads],
+              [False] * len(calls), lr=group['lr'],
+              weight_decay=group['weight_decay'], decay='after_gc',
+              momentum=group['momentum'], dampening=group['dampening'],
+              nesterov=group['nesterov'])
 
 
 def _torch_adam_steps(optimizer: Optimizer, group: dict, calls: list,

@@ -47,8 +47,8 @@ from .. import kernels
 from ..centralize import centralize_, is_centralized
 from .base import (CLASS_RULE, HALF_DTYPES, GCOptimizer, check_non_negative,
                    group_layout)
-from .fused import (check_path_option, fast_path_takes, in_memory_order,
-                    rows_order)
+from .fused import (check_path_option, fast_path_takes, rows_order,
+                    sgd_steps)
 
 # What each path is called in errors and in docs/benchmark.md.
 PATH_NAMES = {
@@ -198,19 +198,16 @@ def _fused_sgd_gc(params: List[Tensor], grads: List[Tensor],
     tensors (each checked before any moves), for CPU tensors
     :func:`fast_path_takes`. The kernel writes a first step's buffer,
     which enters ``momentum_buffers`` once the call returned."""
-    laid_out, first_steps, bufs = [], [], list(momentum_buffers)
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        buf = bufs[i]
-        first_steps.append(bool(momentum) and buf is None)
+    first_steps, bufs = [], list(momentum_buffers)
+    for i, param in enumerate(params):
+        first_steps.append(bool(momentum) and bufs[i] is None)
         if first_steps[-1]:
-            buf = bufs[i] = torch.empty_like(param)
-        laid_out.append(in_memory_order(param, grad, buf))
-    kernels.load('sgd').sgd_gc_steps(
-        *(list(t) for t in zip(*laid_out)),
-        [is_centralized(param, gc_mode) for param in params], first_steps,
-        lr, weight_decay,
-        'decoupled' if decoupled_weight_decay else 'inside_gc', momentum,
-        dampening, nesterov)
+            bufs[i] = torch.empty_like(param)
+    sgd_steps(params, grads, bufs,
+              [is_centralized(param, gc_mode) for param in params],
+              first_steps, lr=lr, weight_decay=weight_decay,
+              decay='decoupled' if decoupled_weight_decay else 'inside_gc',
+              momentum=momentum, dampening=dampening, nesterov=nesterov)
     momentum_buffers[:] = bufs
 
 
