@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from mmengine.dist import broadcast
-from mmengine.hooks import Hook
+from mmengine.hooks import EMAHook, Hook
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.registry import HOOKS
@@ -91,6 +91,23 @@ def _drop_optimizer_state(optimizer: Optimizer, params: set) -> int:
     return dropped
 
 
+@torch.no_grad()
+def _restart_emas(runner, selected: dict) -> int:
+    """Copy the re-initialized layers ``selected`` ({name: module} of the
+    model) into the EMA model of every EMAHook of the run, so that their
+    average restarts from the new weights, as their optimizer state does:
+    an average of the old layer and the new one would be neither. Returns
+    how many EMA models were changed."""
+    hooks = [hook for hook in runner.hooks if isinstance(hook, EMAHook)
+             and getattr(hook, 'ema_model', None) is not None]
+    for hook in hooks:
+        for name, module in selected.items():
+            averaged = hook.ema_model.module.get_submodule(name).state_dict()
+            for key, value in module.state_dict().items():
+                averaged[key].copy_(value)
+    return len(hooks)
+
+
 # The class-dependent last layers of the R-CNN heads (Faster, Mask, and the
 # per-stage heads of Cascade R-CNN).
 RIFLE_DEFAULT_LAYERS = (r'^roi_head\.bbox_head(\.\d+)?\.fc_(cls|reg)$',
@@ -135,6 +152,9 @@ class RIFLEHook(Hook):
       optimizers it wraps start afresh for them), and zeroes their
       gradients (with ``accumulative_counts``, what earlier micro-batches
       left was computed for the old weights);
+    - restarts their EMA from the new weights (in the model copy of every
+      ``EMAHook``), as it drops their optimizer state: an average of the
+      old layer and the new one would be neither;
     - is logged, and the iterations re-initialized so far are kept in the
       message hub (``rifle_reinit_iters``).
 
@@ -284,6 +304,7 @@ class RIFLEHook(Hook):
                 param.grad.zero_()
         dropped = sum(_drop_optimizer_state(wrapper.optimizer, params)
                       for wrapper in optim_wrappers(runner))
+        emas = _restart_emas(runner, self._selected)
         self._done.append(runner.iter)
         runner.message_hub.update_info('rifle_reinit_iters', list(self._done))
         where = (f'epoch {runner.epoch}, ' if self._unit == 'epoch' else '')
@@ -292,4 +313,4 @@ class RIFLEHook(Hook):
             f'({where}iteration {runner.iter}): '
             f'{", ".join(self._selected)} re-initialized, {dropped} '
             f'optimizer state entries of their {len(params)} parameter '
-            'tensors dropped')
+            f'tensors dropped{", their EMA restarted" if emas else ""}')

@@ -1,7 +1,8 @@
 """SlowWeightsHook: evaluate and save a Lookahead optimizer's slow
 weights."""
 import torch
-from mmengine.hooks import Hook
+from mmengine.hooks import EMAHook, Hook
+from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
 from ..optimizers import Lookahead
@@ -12,6 +13,12 @@ def _lookaheads(runner) -> list:
     """The Lookahead optimizers (Ranger included) the runner trains with."""
     return [wrapper.optimizer for wrapper in optim_wrappers(runner)
             if isinstance(wrapper.optimizer, Lookahead)]
+
+
+def _ema_on(runner) -> bool:
+    """Whether an EMAHook (MMEngine's, whatever its ema_type) is in the
+    run."""
+    return any(isinstance(hook, EMAHook) for hook in runner.hooks)
 
 
 @HOOKS.register_module()
@@ -36,6 +43,19 @@ class SlowWeightsHook(Hook):
     as trained. Whatever the switches, a checkpoint that carries fast
     weights is resumed with them. In a run with no Lookahead optimizer the
     hook does nothing.
+
+    With an ``EMAHook`` in the run (MMEngine's, whatever its ``ema_type``:
+    mmdet's ``ExpMomentumEMA`` in RTMDet's and YOLOX's configs too), the
+    EMA's weights are validated, tested and saved, and this hook steps
+    aside (its switches do nothing): the user asked for the EMA, and two
+    hooks that swap weights around the same validation would leave the
+    model training on from the slow weights. EMAHook averages the model's
+    weights after every step, so what is evaluated is the EMA of the fast
+    weights (which equal the slow ones at every ``k``-th step), as timm's
+    Lookahead with its model EMA does. Checkpoints are EMAHook's:
+    ``state_dict`` holds the EMA, ``ema_state_dict`` the fast weights, and
+    the slow weights stay in the optimizer's state, so ``--resume``
+    continues exactly and the run trains as it would without validation.
 
     Args:
         val (bool): validate with the slow weights. Defaults to True.
@@ -83,22 +103,30 @@ class SlowWeightsHook(Hook):
             param.copy_(fast)
         self._fast = None
 
+    def before_train(self, runner) -> None:
+        if _lookaheads(runner) and _ema_on(runner):
+            print_log(
+                'SlowWeightsHook: EMAHook is on; validation, test and '
+                "checkpoints use the EMA of the model's (Lookahead's fast) "
+                'weights, the slow weights stay in the optimizer state',
+                logger='current')
+
     def before_val_epoch(self, runner) -> None:
-        if self.val:
+        if self.val and not _ema_on(runner):
             self._swap_in(runner)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         self._swap_out()
 
     def before_test_epoch(self, runner) -> None:
-        if self.test:
+        if self.test and not _ema_on(runner):
             self._swap_in(runner)
 
     def after_test_epoch(self, runner, metrics=None) -> None:
         self._swap_out()
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        if not self.checkpoint:
+        if not self.checkpoint or _ema_on(runner):
             return
         names = {id(param): name
                  for name, param in unwrap_model(runner.model).named_parameters()}
