@@ -250,6 +250,62 @@ def test_amp_stats_are_of_the_unscaled_gradients(tmp_path):
         check(got[step], want)
 
 
+class InfAtIteration(Tiny):
+    """Tiny whose loss (and so every gradient) is infinite at one
+    iteration, as an overflowing float16 forward makes it."""
+
+    def __init__(self, bad_iteration):
+        super().__init__()
+        self.bad_iteration = bad_iteration
+
+    def forward(self, inputs, target=None, mode='loss'):
+        losses = super().forward(inputs, target, mode)
+        if self.iteration == self.bad_iteration:
+            losses['loss'] = losses['loss'] * float('inf')
+        return losses
+
+
+@pytest.mark.parametrize('optimizer, gc_mode', [
+    (SGD, 'conv_fc'),  # GC in the wrapper
+    (dict(SGD, type='SGD_GC'), None),  # GC in the optimizer (--amp)
+], ids=['gc_in_wrapper', 'gc_in_optimizer'])
+def test_a_step_the_loss_scaler_skips_is_not_recorded(
+        tmp_path, optimizer, gc_mode):
+    """AMP on CPU (bfloat16: mmengine's CPU autocast takes no float16),
+    interval=2, the gradients infinite at iteration 2: the
+    loss scaler skips that update, so nothing is recorded for it (before,
+    with GC in the wrapper, NaN statistics were); the hook stays armed and
+    records the next real update (iteration 3), then iteration 4."""
+    model = InfAtIteration(bad_iteration=2)
+    runner = Runner(
+        model=model, work_dir=str(tmp_path), experiment_name=tmp_path.name,
+        train_dataloader=dict(
+            dataset=Pairs(), batch_size=2, num_workers=0,
+            sampler=dict(type='DefaultSampler', shuffle=False),
+            collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(type='AmpGCOptimWrapper', optimizer=optimizer,
+                           gc_mode=gc_mode, clip_grad=CLIP,
+                           loss_scale=1024.),
+        train_cfg=dict(by_epoch=False, max_iters=4),
+        custom_hooks=[dict(type='GradStatsHook', interval=2,
+                           layers=LAYERS)],
+        default_hooks=dict(logger=dict(type='LoggerHook', interval=1),
+                           checkpoint=None),
+        randomness=dict(seed=0))
+    runner.train()
+    updates = dict(model.updates)
+    assert not torch.isfinite(updates[2]['conv.weight']).all()
+    # The skipped update left the weights as they were.
+    assert all(torch.equal(model.weights[1][n], w)
+               for n, w in model.weights[0].items())
+    got = recorded(tmp_path)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        want, _ = expected({n: g / 1024 for n, g in updates[step].items()},
+                           'conv_fc')
+        check(got[step], want)
+
+
 def test_gradient_accumulation_records_at_real_updates(tmp_path):
     """accumulative_counts=3, interval=2: armed at iterations 2 and 4, taken
     at the updates of iterations 3 and 6, on the accumulated gradients."""

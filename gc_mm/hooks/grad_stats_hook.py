@@ -6,7 +6,7 @@ import torch
 from mmengine.dist import get_dist_info
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.optim import OptimWrapper
+from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import HOOKS
 from torch import Tensor
 
@@ -62,7 +62,8 @@ class GradStatsHook(Hook):
     the iteration they were measured, to every visualizer backend
     (``vis_data/scalars.json``, TensorBoard, ...) and to the log. Under
     gradient accumulation they are taken at the first real update at or
-    after every ``interval``-th iteration; in a distributed run on rank 0
+    after every ``interval``-th iteration (an update the AMP loss scaler
+    skips for non-finite gradients is none: nothing is recorded for it); in a distributed run on rank 0
     (the gradients are all-reduced). Between records the hook does nothing.
 
     Args:
@@ -87,6 +88,7 @@ class GradStatsHook(Hook):
         self._armed = False
         self._handle = None
         self._stats = None
+        self._stepped = None  # whether the tapped step was taken, if asked
 
     def before_train(self, runner) -> None:
         self._wrapper = runner.optim_wrapper
@@ -165,9 +167,20 @@ class GradStatsHook(Hook):
         self._armed = True
         if self._tap_wrapper:
             self._wrapper.gc_tap = self._measure
+            if isinstance(self._wrapper, AmpOptimWrapper):
+                # The tap runs before the loss scaler decides; it calls
+                # optimizer.step only for finite gradients, so the numbers
+                # count only if the optimizer steps (as for a GC optimizer,
+                # tapped by a step pre-hook).
+                self._stepped = False
+                self._handle = self._wrapper.optimizer.register_step_pre_hook(
+                    lambda optimizer, args, kwargs: self._mark_stepped())
         else:
             self._handle = self._wrapper.optimizer.register_step_pre_hook(
                 lambda optimizer, args, kwargs: self._measure())
+
+    def _mark_stepped(self) -> None:
+        self._stepped = True
 
     def _disarm(self) -> None:
         if self._handle is not None:
@@ -176,6 +189,7 @@ class GradStatsHook(Hook):
         if self._tap_wrapper:
             self._wrapper.gc_tap = None
         self._armed = False
+        self._stepped = None
 
     @torch.no_grad()
     def _measure(self) -> None:
@@ -245,6 +259,9 @@ class GradStatsHook(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
         if self._stats is None:
+            return
+        if self._stepped is False:  # the loss scaler skipped the update
+            self._stats = None  # armed still, for the next real update
             return
         stats, self._stats = self._stats, None
         self._disarm()
