@@ -231,9 +231,15 @@ def _float32_on_cpu_autocast(forward):
 
 def enable_cpu_autocast_for_mmcv_ops() -> None:
     """Run mmcv's NMS and RoIAlign in float32 inside CPU autocast regions
-    (idempotent; CUDA autocast is untouched)."""
-    from mmcv.ops import RoIAlign
-    from mmcv.ops.nms import NMSop
+    (idempotent; CUDA autocast is untouched). Without mmcv's ops (torch
+    and mmengine alone) there is nothing to patch."""
+    try:
+        from mmcv.ops import RoIAlign
+        from mmcv.ops.nms import NMSop
+    except ModuleNotFoundError as error:  # no mmcv, or built without ops
+        if not (error.name or '').startswith('mmcv'):
+            raise
+        return
     if getattr(RoIAlign.forward, '_gc_mm_float32_on_cpu', False):
         return
     RoIAlign.forward = _float32_on_cpu_autocast(RoIAlign.forward)

@@ -1,5 +1,9 @@
 """GCOptimWrapper and AmpGCOptimWrapper: GC once per real update, after
 unscaling, in a defined order with clipping, built from config dicts."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +11,7 @@ import torch.nn as nn
 from mmengine.optim import build_optim_wrapper
 
 import gc_mm
+from conftest import REPO
 from gc_mm import AmpGCOptimWrapper, GCOptimWrapper
 from reference import project
 
@@ -206,6 +211,32 @@ def test_amp_wrapper_runs_autocast_on_cpu_in_bfloat16():
     with wrapper.optim_context(model):
         out = model(batch(0))
     assert out.dtype == torch.bfloat16
+
+
+AMP_WITHOUT_MMCV = """
+import sys
+sys.modules['mmcv'] = None  # import mmcv fails, as where it is not installed
+import torch
+from gc_mm import AmpGCOptimWrapper
+w = torch.nn.Parameter(torch.ones(2, 3))
+wrapper = AmpGCOptimWrapper(torch.optim.SGD([w], lr=1.0))
+with wrapper.optim_context(None):
+    loss = (w * torch.arange(6.).reshape(2, 3)).sum()
+wrapper.update_params(loss)
+print(w.tolist())
+"""
+
+
+def test_amp_wrapper_runs_on_cpu_without_mmcv():
+    """torch and mmengine alone (the GPU check's and a torch-only venv's
+    stack): the CPU wrapper has no mmcv ops to run in float32, and steps."""
+    path = os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')])
+    proc = subprocess.run([sys.executable, '-c', AMP_WITHOUT_MMCV],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 1 - lr * P(g): the gradient's rows [0 1 2] and [3 4 5], centralized.
+    assert eval(proc.stdout.strip().splitlines()[-1]) == [[2., 1., 0.]] * 2
 
 
 def test_amp_wrapper_state_dict_round_trip():

@@ -450,6 +450,7 @@ def test_loads_a_state_dict_without_gc_options():
     opt.step()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('name', ALL_NAMES)
 def test_cuda_matches_cpu(name):

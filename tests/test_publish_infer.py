@@ -10,16 +10,18 @@ import os
 import os.path as osp
 import sys
 
-import mmcv
 import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
 
-import gc_mm
-from conftest import REPO, run_tool
-from gc_mm.checks import ConfigError
-from test_tools import DEMO_SMALL, checkpoint, demo_run  # noqa: F401
+pytest.importorskip('mmdet')  # see conftest.py
+import mmcv  # noqa: E402
+
+import gc_mm  # noqa: E402
+from conftest import REPO, run_tool  # noqa: E402
+from gc_mm.checks import ConfigError  # noqa: E402
+from test_tools import DEMO_SMALL, checkpoint, demo_run  # noqa: E402,F401
 
 PUBLISH = osp.join(REPO, 'tools/publish_model.py')
 INFER = osp.join(REPO, 'tools/infer.py')

@@ -7,13 +7,15 @@ import os.path as osp
 import pytest
 import torch
 import torch.nn as nn
-from mmcv.cnn import ConvAWS2d, ConvWS2d
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 
 import gc_mm  # noqa: F401
 from conftest import REPO
 from gc_mm import SGD_GC, centralize_
+
+pytest.importorskip('mmdet')  # see conftest.py
+from mmcv.cnn import ConvAWS2d, ConvWS2d  # noqa: E402
 
 LR, MOMENTUM, WD = 0.05, 0.9, 0.01
 
