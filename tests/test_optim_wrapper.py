@@ -544,3 +544,90 @@ def test_fused_step_steps_aside_where_it_cannot(why):
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
     assert_twins_equal(wrapper, twin, wrapped, twin_ps, tol)
     assert calls == ([1] * 4 if why == 'step hook' else [])
+    # Control: without the obstacle the same run steps fused from its second
+    # step (gradients left as they were), so a guard that let the obstacle
+    # through would show above.
+    wrapped, twin_ps = twin_params(torch.float32)
+    hp['maximize'] = False
+    wrapper = GCOptimWrapper(torch.optim.AdamW(wrapped, **hp))
+    twin = torch.optim.AdamW(twin_ps, **hp)
+    uncentralized = run_twins(wrapper, twin, wrapped, twin_ps, 4)
+    assert uncentralized == [False] + [True] * 3
+
+
+def _set(key, value):
+    def change(group):
+        group[key] = value
+    return change
+
+
+# Options torch's SGD and Adam take when changed between steps (by a
+# scheduler, e.g. MMEngine's momentum schedulers, or by hand), with state an
+# earlier step left: (optimizer, options, the change after step 2).
+OPTIONS_CHANGED = {
+    'SGD-momentum-to-0': (torch.optim.SGD, dict(
+        lr=0.1, momentum=0.9, weight_decay=0.01), _set('momentum', 0.)),
+    'SGD-momentum-from-0': (torch.optim.SGD, dict(lr=0.1, weight_decay=0.01),
+                            _set('momentum', 0.9)),
+    'SGD-nesterov-off': (torch.optim.SGD, dict(
+        lr=0.05, momentum=0.9, nesterov=True), _set('nesterov', False)),
+    'SGD-nesterov-momentum-to-0': (torch.optim.SGD, dict(
+        lr=0.05, momentum=0.9, nesterov=True), _set('momentum', 0.)),
+    'SGD-dampening': (torch.optim.SGD, dict(lr=0.1, momentum=0.9),
+                      _set('dampening', 0.5)),
+    'Adam-amsgrad-off': (torch.optim.Adam, dict(lr=0.01, amsgrad=True),
+                         _set('amsgrad', False)),
+    'AdamW-betas-decay': (torch.optim.AdamW, dict(lr=0.01),
+                          lambda g: g.update(betas=(0.5, 0.9),
+                                             weight_decay=0.1)),
+}
+
+
+def use_built_kernels(monkeypatch):
+    """The kernels built on first use stand in for the installed ones."""
+    built = {name: gc_mm.kernels.load(name) for name in ('sgd', 'adaptive')}
+    monkeypatch.setattr(gc_mm.kernels, 'installed', built.get)
+
+
+@pytest.mark.parametrize('name', list(OPTIONS_CHANGED))
+def test_fused_step_takes_every_option_torch_takes(name, monkeypatch):
+    """Whatever torch's optimizer accepts mid-run (momentum reaching 0 with
+    a momentum buffer left in its state, amsgrad switched off with its
+    maximum kept, ...), the wrapper's fused step equals torch's step on
+    P(g) (it used to hand the kernel a momentum buffer torch ignores, which
+    the kernel refused). The kernels built on first use stand in for the
+    installed ones, so this runs in both installs."""
+    use_built_kernels(monkeypatch)
+    cls, hp, change = OPTIONS_CHANGED[name]
+    wrapped, twin_ps = twin_params(torch.float64)
+    wrapper = GCOptimWrapper(cls(wrapped, **hp))
+    twin = cls(twin_ps, **hp)
+    run_twins(wrapper, twin, wrapped, twin_ps, 2)
+    for optimizer in (wrapper.optimizer, twin):
+        change(optimizer.param_groups[0])
+    uncentralized = run_twins(wrapper, twin, wrapped, twin_ps, 4, seed=1)
+    assert_twins_equal(wrapper, twin, wrapped, twin_ps, 1e-12)
+    # The fused step ran (it leaves the gradients as backward made them),
+    # from the step torch made the state it needs.
+    first_fused = 1 if name == 'SGD-momentum-from-0' else 0
+    assert uncentralized == [False] * first_fused + [True] * (4 - first_fused)
+
+
+def test_fused_step_with_a_momentum_scheduler_reaching_0(monkeypatch):
+    """MMEngine's LinearMomentum down to 0 around torch's SGD (the case that
+    crashed): the run equals torch's SGD on P(g) with the same schedule."""
+    from mmengine.optim.scheduler import LinearMomentum
+    use_built_kernels(monkeypatch)
+    hp = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    wrapped, twin_ps = twin_params(torch.float64)
+    wrapper = GCOptimWrapper(torch.optim.SGD(wrapped, **hp))
+    twin = torch.optim.SGD(twin_ps, **hp)
+    schedulers = [LinearMomentum(optimizer, start_factor=1., end_factor=0.,
+                                 end=3, by_epoch=False)
+                  for optimizer in (wrapper, twin)]
+    for seed in range(6):
+        run_twins(wrapper, twin, wrapped, twin_ps, 1, seed=seed)
+        for scheduler in schedulers:
+            scheduler.step()
+    assert wrapper.optimizer.param_groups[0]['momentum'] == 0
+    assert_twins_equal(wrapper, twin, wrapped, twin_ps, 1e-12)

@@ -190,17 +190,23 @@ def torch_step_with_gc(optimizer: Optimizer, centralized: Set[Tensor],
                 return False
             # .get: indexing the state (a defaultdict) would add an entry.
             state = optimizer.state.get(param, {})
+            # The state torch's step reads under the group's options now
+            # (they may change between steps: a momentum scheduler reaching
+            # 0, amsgrad switched off); what it ignores is ignored here.
             if kernel == 'sgd':
-                buf = state.get('momentum_buffer')
+                buf = (state.get('momentum_buffer') if group['momentum']
+                       else None)
                 if group['momentum'] and buf is None:
                     return False  # torch makes it on the first step
                 tensors = (param.grad, buf)
             else:
-                if 'step' not in state or (group['amsgrad'] and
-                                           'max_exp_avg_sq' not in state):
-                    return False
+                if ('step' not in state or not torch.is_tensor(state['step'])
+                        or (group['amsgrad']
+                            and 'max_exp_avg_sq' not in state)):
+                    return False  # torch's step makes or reports it
                 tensors = (param.grad, state['exp_avg'], state['exp_avg_sq'],
-                           state.get('max_exp_avg_sq'))
+                           state['max_exp_avg_sq'] if group['amsgrad']
+                           else None)
             if not (param.is_cpu and fast_path_takes(param, *tensors)):
                 return False
             group_calls.append((param, tensors))
