@@ -43,6 +43,34 @@ def check_optim_wrapper(cfg: Config) -> None:
     optimizer = wrapper.get('optimizer') or {}
     _check_registered(OPTIMIZERS, optimizer.get('type'),
                       'optim_wrapper.optimizer.type')
+    _check_multipliers_reach(wrapper, optimizer)
+
+
+def _check_multipliers_reach(wrapper, optimizer) -> None:
+    """MMEngine's default constructor multiplies the lr and weight_decay of
+    the outer optimizer config: Lookahead's are in its inner config,
+    Ranger's may be its defaults. There it fails (lr) or drops the decay
+    multipliers; GCOptimWrapperConstructor finds them."""
+    from mmdet.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+    from .constructor import (GCOptimWrapperConstructor, multiplied_options,
+                              updating_option)
+    constructor = wrapper.get('constructor', 'DefaultOptimWrapperConstructor')
+    if isinstance(constructor, str):
+        constructor = OPTIM_WRAPPER_CONSTRUCTORS.get(constructor)
+    if (not isinstance(constructor, type)
+            or issubclass(constructor, GCOptimWrapperConstructor)):
+        return
+    for key in multiplied_options(wrapper.get('paramwise_cfg') or {}):
+        if key not in optimizer and updating_option(optimizer,
+                                                    key) is not None:
+            raise ConfigError(
+                f'optim_wrapper.paramwise_cfg multiplies {key}, which '
+                f"optim_wrapper.optimizer (type {optimizer.get('type')!r}) "
+                f'does not give at its top level, where '
+                f'{constructor.__name__} looks for it: set '
+                "optim_wrapper.constructor='GCOptimWrapperConstructor', "
+                'which uses the inner optimizer\'s (or the default) value')
 
 
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')

@@ -60,6 +60,7 @@ The choice reaches the appliers as param-group keys:
 Param groups with identical settings are merged, so the optimizer sees a few
 groups rather than one per tensor.
 """
+import inspect
 import logging
 import math
 import re
@@ -68,13 +69,13 @@ from typing import Dict, List, Optional
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
-from mmengine.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIMIZERS
 from torch import Tensor
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from .centralize import check_gc_mode, is_centralized
 from .optim_wrapper import CentralizeGradsMixin
-from .optimizers import GCOptimizer, inner_optimizer
+from .optimizers import GCOptimizer, Lookahead, inner_optimizer
 
 _GC_KEYS = ('include', 'exclude', 'exclude_types', 'mode', 'transposed_conv')
 TRANSPOSED_CONV_RULES = ('input', 'output', None)
@@ -98,6 +99,41 @@ def row_length(param: Tensor, group: dict) -> int:
     if group.get('gc_out_dim', 0) == 1:
         return param.numel() // (param.shape[1] * group.get('gc_groups', 1))
     return math.prod(param.shape[1:])
+
+
+def updating_option(optimizer_cfg: dict, key: str):
+    """The ``lr`` or ``weight_decay`` of the optimizer that computes the
+    update, as it will be built: given in its config, else its class's
+    default; for Lookahead, its inner optimizer's (Ranger takes its own).
+    None where there is none (a required argument)."""
+    if key in optimizer_cfg:
+        return optimizer_cfg[key]
+    cls = optimizer_cfg.get('type')
+    if isinstance(cls, str):
+        cls = OPTIMIZERS.get(cls)
+    if not isinstance(cls, type):
+        return None
+    if issubclass(cls, Lookahead) and isinstance(
+            optimizer_cfg.get('optimizer'), dict):
+        return updating_option(optimizer_cfg['optimizer'], key)
+    parameter = inspect.signature(cls).parameters.get(key)
+    default = None if parameter is None else parameter.default
+    # torch's `required` (older torch's SGD lr) and the like are no number.
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return None
+    return default
+
+
+def multiplied_options(paramwise_cfg: dict) -> List[str]:
+    """The optimizer options ('lr', 'weight_decay') MMEngine's constructor
+    multiplies for ``paramwise_cfg`` (custom_keys always set an lr)."""
+    custom = paramwise_cfg.get('custom_keys') or {}
+    needs_lr = bool(custom) or any(
+        key in paramwise_cfg for key in ('bias_lr_mult', 'dcn_offset_lr_mult'))
+    needs_wd = any('decay_mult' in key for key in paramwise_cfg) or any(
+        isinstance(cfg, dict) and 'decay_mult' in cfg
+        for cfg in custom.values())
+    return ['lr'] * needs_lr + ['weight_decay'] * needs_wd
 
 
 def _types(gc_cfg: dict) -> List:
@@ -165,6 +201,18 @@ class GCOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 "channel, the authors' rule), 'output' (per output channel) "
                 f'or None (no GC), got {self.transposed_conv!r}')
         self.has_gc_cfg = bool(gc_cfg)
+
+    def _validate_cfg(self) -> None:
+        # MMEngine's constructor multiplies the lr and weight_decay of the
+        # optimizer config (and refuses decay multipliers without one):
+        # Lookahead's are in its inner config, Ranger's and any optimizer's
+        # left at their default in its signature. The multipliers apply to
+        # those the updating optimizer uses, as for that optimizer alone.
+        if self.base_lr is None:
+            self.base_lr = updating_option(self.optimizer_cfg, 'lr')
+        if self.base_wd is None:
+            self.base_wd = updating_option(self.optimizer_cfg, 'weight_decay')
+        super()._validate_cfg()
 
     def _gc_mode_for(self, name: str):
         """The GC mode chosen for a parameter name, or _UNSET to keep the

@@ -409,3 +409,81 @@ def test_update_centralizing_optimizers_apply_the_output_rule(name):
                                torch.zeros(delta.shape[1],
                                            dtype=delta.dtype),
                                rtol=0, atol=1e-12)
+
+
+# Lookahead and Ranger around the optimizer that updates, and that optimizer
+# alone (Ranger: RAdam_GC with Ranger's defaults).
+RANGER_DEFAULTS = dict(lr=1e-3, betas=(0.95, 0.999), eps=1e-5,
+                       weight_decay=0., decoupled_weight_decay=True)
+WRAPPED_AND_ALONE = {
+    'Lookahead(SGD_GC)': (
+        dict(type='Lookahead', k=3,
+             optimizer=dict(type='SGD_GC', lr=0.1, momentum=0.9,
+                            weight_decay=1e-4)),
+        dict(type='SGD_GC', lr=0.1, momentum=0.9, weight_decay=1e-4)),
+    'Lookahead(AdamW)': (
+        dict(type='Lookahead',
+             optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05)),
+        dict(type='AdamW', lr=1e-3, weight_decay=0.05)),
+    'Lookahead(Adam_GC)-defaults': (
+        dict(type='Lookahead', optimizer=dict(type='Adam_GC')),
+        dict(type='Adam_GC')),
+    'Ranger-defaults': (dict(type='Ranger'),
+                        dict(type='RAdam_GC', **RANGER_DEFAULTS)),
+    'Ranger': (dict(type='Ranger', lr=0.01, weight_decay=0.1),
+               dict(type='RAdam_GC', **dict(RANGER_DEFAULTS, lr=0.01,
+                                            weight_decay=0.1))),
+}
+
+
+def groups_of(optim_wrapper, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{k: ([names[id(p)] for p in v] if k == 'params' else v)
+             for k, v in group.items()}
+            for group in optim_wrapper.optimizer.param_groups]
+
+
+@pytest.mark.parametrize('name', list(WRAPPED_AND_ALONE))
+def test_lookahead_and_ranger_take_paramwise_cfg_as_their_inner_optimizer(
+        name):
+    """lr and decay multipliers (custom_keys, norm_decay_mult,
+    bias_decay_mult) give Lookahead/Ranger the param groups the optimizer
+    that updates gets alone (they failed: MMEngine's constructor looked for
+    lr and weight_decay in the outer config)."""
+    wrapped, alone = WRAPPED_AND_ALONE[name]
+    paramwise = dict(custom_keys={'backbone': dict(lr_mult=0.1,
+                                                   decay_mult=0.5)},
+                     norm_decay_mult=0., bias_decay_mult=0.,
+                     gc=dict(exclude=['roi_head']))
+    got, want = [], []
+    for cfg, groups in ((wrapped, got), (alone, want)):
+        model = Detector()
+        optim_wrapper = build_optim_wrapper(
+            model, dict(constructor='GCOptimWrapperConstructor',
+                        optimizer=cfg, paramwise_cfg=paramwise))
+        groups.extend(groups_of(optim_wrapper, model))
+    assert got == want
+    lrs = {group['lr'] for group in got}
+    base_lr = wrapped.get('lr', wrapped.get('optimizer', {}).get('lr', 1e-3))
+    assert lrs == {base_lr, base_lr * 0.1}
+
+
+@pytest.mark.parametrize('name', ['Lookahead(SGD_GC)', 'Ranger-defaults'])
+def test_default_constructor_with_their_multipliers_is_refused_before_run(
+        name):
+    """MMEngine's default constructor would fail (lr) or drop the decay
+    multipliers: tools/train.py's pre-run check names the constructor that
+    takes them; with it (or without multipliers) the check passes."""
+    pytest.importorskip('mmdet')
+    from mmengine.config import Config
+
+    from gc_mm.checks import ConfigError, check_optim_wrapper
+    wrapped, _ = WRAPPED_AND_ALONE[name]
+    paramwise = dict(norm_decay_mult=0., custom_keys={'backbone': {}})
+    cfg = Config(dict(optim_wrapper=dict(optimizer=wrapped,
+                                         paramwise_cfg=paramwise)))
+    with pytest.raises(ConfigError, match='GCOptimWrapperConstructor'):
+        check_optim_wrapper(cfg)
+    cfg.optim_wrapper.constructor = 'GCOptimWrapperConstructor'
+    check_optim_wrapper(cfg)
+    check_optim_wrapper(Config(dict(optim_wrapper=dict(optimizer=wrapped))))
