@@ -87,7 +87,8 @@ setup(
     cmdclass=cmdclass,
     python_requires='>=3.9',
     install_requires=[
-        'torch',
+        # Tested with 2.1 to 2.15 (README: Supported torch versions).
+        'torch>=2.1',
         'mmengine',
         'mmcv==2.1.0',  # mmdet 3.3.0 needs mmcv >= 2.0.0rc4, < 2.2.0
         'mmdet',

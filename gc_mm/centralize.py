@@ -11,6 +11,8 @@ from typing import Iterable, List, Optional
 
 from torch import Tensor
 
+from .sharding import local_rows
+
 # A GC mode names which tensors are centralized:
 #   'conv_fc': ndim > 1, conv and fully connected weights (the "_GC" rule);
 #   'conv':    ndim > 3, conv weights only (the "_GCC" rule);
@@ -56,14 +58,20 @@ def centralize_(tensors: Iterable[Tensor],
     An empty tensor is left as it is. A row of length 1 becomes exactly
     zero. A non-finite entry makes its whole row non-finite (the mean
     spreads it); nothing raises. A bad ``out_dim``/``groups`` raises
-    ValueError before any tensor changes.
+    ValueError before any tensor changes. A DTensor (FSDP2) is centralized
+    in its local shard, which must hold whole rows (:mod:`gc_mm.sharding`).
     """
     min_ndim = 4 if conv_only else 2
     if out_dim != 0 or groups != 1:
         tensors = [t for t in tensors if t.ndim >= min_ndim]
         check_output_layout(tensors, out_dim, groups)
     for tensor in tensors:
-        if tensor.ndim < min_ndim or tensor.numel() == 0:
+        if tensor.ndim < min_ndim:
+            continue
+        # A DTensor of FSDP2 holds whole rows on each rank: GC of the local
+        # shard is exact, with no communication.
+        tensor = local_rows(tensor, out_dim)
+        if tensor.numel() == 0:
             continue
         if out_dim == 1:
             # Splitting dim 0 into (groups, in_g) is a view in any layout;

@@ -28,6 +28,7 @@
   :func:`setup_distributed` starts the process group with gloo itself and
   builds DDP for CPU modules.
 """
+import codecs
 import importlib.abc
 import importlib.util
 import json
@@ -50,7 +51,8 @@ def checkpoint_safe_globals() -> list:
     ``__reduce__`` names (private to numpy, so they are taken from the
     public pickling protocol rather than by module path). numpy 1 named
     them ``numpy.core.multiarray``, numpy 2 ``numpy._core.multiarray``;
-    checkpoints written with either load.
+    checkpoints written with either load. A numpy array's bytes pickle
+    through ``_codecs.encode`` (torch >= 2.5 allows it itself).
     """
     from mmengine.logging import HistoryBuffer
     dtypes = [type(np.dtype(name)) for name in (
@@ -60,9 +62,48 @@ def checkpoint_safe_globals() -> list:
     scalar = np.float64(0).__reduce__()[0]
     return [
         HistoryBuffer, np.ndarray, np.dtype, reconstruct, scalar, *dtypes,
-        (reconstruct, 'numpy.core.multiarray._reconstruct'),
-        (scalar, 'numpy.core.multiarray.scalar')
+        codecs.encode, *_numpy_1_names(reconstruct, scalar)
     ]
+
+
+def _numpy_1_names(*functions) -> list:
+    """``functions`` under numpy 1's module name, where numpy 2 moved them.
+
+    torch's allow-list matches an entry by its ``__module__`` and name.
+    torch >= 2.5 also takes ``(function, name)`` pairs, which torch 2.4's
+    loader fails on for every checkpoint (``'tuple' object has no attribute
+    '__module__'``); a function named as numpy 1 named it, calling
+    numpy's, is an entry every torch with an allow-list takes.
+    """
+    aliases = []
+    for function in functions:
+        if function.__module__ == 'numpy.core.multiarray':
+            continue  # numpy 1: its own name
+
+        def alias(*args, _function=function):
+            return _function(*args)
+
+        alias.__module__ = 'numpy.core.multiarray'
+        alias.__name__ = alias.__qualname__ = function.__name__
+        aliases.append(alias)
+    return aliases
+
+
+def allow_checkpoint_globals() -> bool:
+    """Put mmengine's checkpoint types on torch's ``weights_only``
+    allow-list, where torch has one (``add_safe_globals``, torch >= 2.4);
+    return whether it has.
+
+    Without one (torch < 2.4) ``weights_only=True`` loads tensors and plain
+    containers only, as torch made it, and mmengine's loader, which passes
+    no ``weights_only``, gets torch's default (a full unpickling before
+    torch 2.6), as it does without gc_mm.
+    """
+    add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
+    if add_safe_globals is None:
+        return False
+    add_safe_globals(checkpoint_safe_globals())
+    return True
 
 
 def _history_buffer_getstate(self) -> dict:
@@ -191,7 +232,7 @@ def apply() -> None:
     keep_numpy_random_state_when_drawing()
     from mmengine.fileio import LocalBackend
     from mmengine.logging import HistoryBuffer
-    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    allow_checkpoint_globals()
     HistoryBuffer.__getstate__ = _history_buffer_getstate
     LocalBackend.put = _atomic_put
     LocalBackend.put_text = _atomic_put
@@ -213,13 +254,36 @@ def silence_pkg_resources_warning() -> None:
         category=UserWarning)
 
 
+def grad_scaler(device: str, **kwargs):
+    """AMP's loss scaler for ``device``: ``torch.amp.GradScaler`` (torch >=
+    2.3, CUDA and CPU); before it, torch's CUDA scaler, and none for the
+    CPU (refused here: a step would go unscaled and unchecked)."""
+    if hasattr(torch.amp, 'GradScaler'):
+        return torch.amp.GradScaler(device, **kwargs)
+    if device == 'cuda':
+        return torch.cuda.amp.GradScaler(**kwargs)
+    raise RuntimeError(
+        f'AMP on {device} needs torch.amp.GradScaler, which torch '
+        f'{torch.__version__} does not have (torch >= 2.3 has it): train '
+        'without AMP there, or on CUDA.')
+
+
+def cpu_autocast_enabled() -> bool:
+    """Whether autocast is on for the CPU: ``torch.is_autocast_enabled``
+    takes a device from torch 2.4 on; before, the CPU had a function of its
+    own."""
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # takes no argument
+        return torch.is_autocast_cpu_enabled()
+
+
 def _float32_on_cpu_autocast(forward):
     """Wrap RoIAlign.forward: float32 inside CPU autocast, output cast back
     to the features' dtype (the casts are autograd ops, so backward too)."""
 
     def wrapped(self, features, rois):
-        if features.device.type != 'cpu' or not torch.is_autocast_enabled(
-                'cpu'):
+        if features.device.type != 'cpu' or not cpu_autocast_enabled():
             return forward(self, features, rois)
         with torch.autocast('cpu', enabled=False):
             return forward(self, features.float(),
@@ -243,10 +307,24 @@ def enable_cpu_autocast_for_mmcv_ops() -> None:
     if getattr(RoIAlign.forward, '_gc_mm_float32_on_cpu', False):
         return
     RoIAlign.forward = _float32_on_cpu_autocast(RoIAlign.forward)
-    # NMS returns indices only, so casting its inputs is enough.
-    NMSop.forward = staticmethod(
-        torch.amp.custom_fwd(NMSop.forward, device_type='cpu',
-                             cast_inputs=torch.float32))
+    NMSop.forward = staticmethod(_float32_inputs_on_cpu_autocast(
+        NMSop.forward))
+
+
+def _float32_inputs_on_cpu_autocast(forward):
+    """Wrap NMSop.forward: float32 inputs inside CPU autocast (NMS returns
+    indices only), as ``torch.amp.custom_fwd(device_type='cpu',
+    cast_inputs=torch.float32)`` does, which torch < 2.4 does not have."""
+
+    def wrapped(ctx, *args):
+        if not cpu_autocast_enabled():
+            return forward(ctx, *args)
+        with torch.autocast('cpu', enabled=False):
+            return forward(ctx, *(
+                arg.float() if torch.is_tensor(arg) and arg.is_cpu
+                and arg.is_floating_point() else arg for arg in args))
+
+    return wrapped
 
 
 def setup_distributed(cfg, launcher: str) -> None:

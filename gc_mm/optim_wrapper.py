@@ -29,6 +29,7 @@ Example::
         optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
         clip_grad=dict(max_norm=35, norm_type=2))
 """
+from functools import partial
 from typing import Callable, List, Optional, Set, Tuple, Union
 
 import torch
@@ -39,8 +40,10 @@ from torch.optim import Optimizer
 
 from .centralize import (centralize_, check_gc_mode, check_output_layout,
                          is_centralized)
+from .compat import grad_scaler
 from .optimizers import GCOptimizer, inner_optimizer
 from .optimizers.fused import torch_step_with_gc
+from .sharding import check_sharded_group
 
 GC_ORDERS = ('clip_then_gc', 'gc_then_clip')
 
@@ -103,6 +106,14 @@ class CentralizeGradsMixin:
                     "'wrapper_gc_mode' (earlier gc_mm versions wrote "
                     "'gc_mode' there): rename the key, or rebuild the groups "
                     'with GCOptimWrapperConstructor.')
+            out_dim = group.get('gc_out_dim', 0)
+            groups = group.get('gc_groups', 1)
+            # FSDP1's flat shards (GC would do nothing), DTensors whose
+            # shards split rows.
+            check_sharded_group(
+                group['params'], partial(is_centralized, gc_mode=gc_mode),
+                type(self).__name__, index, out_dim,
+                names=group.get('param_names'))
             grads = [p.grad for p in group['params'] if p.grad is not None]
             centralized = [g for g in grads if is_centralized(g, gc_mode)]
             for grad in centralized:
@@ -112,8 +123,6 @@ class CentralizeGradsMixin:
                         f'group {index}, shape {tuple(grad.shape)}): GC is '
                         'undefined for sparse gradients. Exclude the '
                         'parameter with paramwise_cfg.gc.exclude.')
-            out_dim = group.get('gc_out_dim', 0)
-            groups = group.get('gc_groups', 1)
             if out_dim != 0 or groups != 1:
                 try:
                     check_output_layout(centralized, out_dim, groups)
@@ -251,6 +260,7 @@ class AmpGCOptimWrapper(CentralizeGradsMixin, AmpOptimWrapper):
         # builds a CUDA-only scaler; set up the scaler for the parameters'
         # device instead.
         OptimWrapper.__init__(self, optimizer=optimizer, **kwargs)
+        self._setup_gc(gc_mode, gc_order)
         device = next((p.device.type for group in optimizer.param_groups
                        for p in group['params']), 'cpu')
         if device == 'cpu':
@@ -258,13 +268,12 @@ class AmpGCOptimWrapper(CentralizeGradsMixin, AmpOptimWrapper):
             enable_cpu_autocast_for_mmcv_ops()
         self._scale_update_param = None
         if loss_scale == 'dynamic':
-            self.loss_scaler = torch.amp.GradScaler(device)
+            self.loss_scaler = grad_scaler(device)
         elif isinstance(loss_scale, float):
             self._scale_update_param = loss_scale
-            self.loss_scaler = torch.amp.GradScaler(
-                device, init_scale=loss_scale)
+            self.loss_scaler = grad_scaler(device, init_scale=loss_scale)
         elif isinstance(loss_scale, dict):
-            self.loss_scaler = torch.amp.GradScaler(device, **loss_scale)
+            self.loss_scaler = grad_scaler(device, **loss_scale)
         else:
             raise TypeError("loss_scale must be 'dynamic', a float or a "
                             f'dict, got {loss_scale!r}')
@@ -274,7 +283,6 @@ class AmpGCOptimWrapper(CentralizeGradsMixin, AmpOptimWrapper):
                                  f'got {dtype!r}')
             dtype = getattr(torch, dtype)
         self.cast_dtype = dtype
-        self._setup_gc(gc_mode, gc_order)
 
     def step(self, **kwargs) -> None:
         if kwargs.get('closure') is not None:

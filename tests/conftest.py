@@ -20,6 +20,25 @@ CUDA = pytest.param('cuda', marks=[
     pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')])
 DEVICES = ['cpu', CUDA]
 
+# What older torch lacks (gc_mm supports torch >= 2.1; tools/test_torch.sh
+# runs these tests on another torch): the weights_only allow-list
+# (add_safe_globals, torch 2.4) and AMP's loss scaler for the CPU
+# (torch.amp.GradScaler, torch 2.3).
+HAS_ALLOW_LIST = hasattr(torch.serialization, 'add_safe_globals')
+needs_allow_list = pytest.mark.skipif(
+    not HAS_ALLOW_LIST,
+    reason='this torch has no weights_only allow-list (torch < 2.4)')
+needs_cpu_amp = pytest.mark.skipif(
+    not hasattr(torch.amp, 'GradScaler'),
+    reason='this torch has no loss scaler for the CPU (torch < 2.3)')
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint, loaded with weights_only=True where torch has an
+    allow-list (it must load safely there); before (torch < 2.4) as mmengine
+    loads it, with torch's default."""
+    return torch.load(path, map_location='cpu', weights_only=HAS_ALLOW_LIST)
+
 
 def pytest_configure(config):
     config.addinivalue_line(

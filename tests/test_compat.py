@@ -3,6 +3,7 @@ writes, checkpoints that load with weights_only=True."""
 import importlib
 import io
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -13,7 +14,8 @@ from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner import CheckpointLoader
 
 import gc_mm  # noqa: F401
-from gc_mm.compat import (_load_from_torchvision,
+from conftest import HAS_ALLOW_LIST, needs_allow_list
+from gc_mm.compat import (_load_from_torchvision, allow_checkpoint_globals,
                           silence_pkg_resources_warning, torchvision_url)
 
 
@@ -38,6 +40,7 @@ def test_local_writes_are_atomic(tmp_path):
     assert (tmp_path / 'last_checkpoint').read_text() == 'latest'
 
 
+@needs_allow_list
 def test_message_hub_state_loads_with_weights_only():
     hub = MessageHub.get_instance('test_compat')
     hub.update_scalar('train/loss', 0.5)
@@ -72,10 +75,12 @@ def check_hub(data: bytes) -> None:
     assert type(info['best_score']) is np.float64
 
 
+@needs_allow_list
 def test_numpy_arrays_and_scalars_load_with_weights_only():
     check_hub(hub_checkpoint())
 
 
+@needs_allow_list
 def test_checkpoints_written_with_numpy_1_load_with_weights_only():
     """numpy 1 pickled arrays and scalars through numpy.core.multiarray
     (numpy 2: numpy._core.multiarray); the legacy format keeps the pickle
@@ -84,6 +89,36 @@ def test_checkpoints_written_with_numpy_1_load_with_weights_only():
     numpy_2 = b'numpy._core.multiarray\n'
     assert data.count(numpy_2) >= 2  # _reconstruct and scalar
     check_hub(data.replace(numpy_2, b'numpy.core.multiarray\n'))
+
+
+def test_mmengine_loads_its_checkpoints_with_gc_mm_imported(tmp_path):
+    """mmengine's own loader (torch.load with torch's default weights_only)
+    on a checkpoint with a message hub, numpy values and a numpy-1 name,
+    on every supported torch (torch 2.4 failed on every load: it takes no
+    (function, name) allow-list entries)."""
+    data = hub_checkpoint(_use_new_zipfile_serialization=False)
+    path = tmp_path / 'epoch_1.pth'
+    path.write_bytes(
+        data.replace(b'numpy._core.multiarray\n', b'numpy.core.multiarray\n'))
+    loaded = CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+    hub = loaded['message_hub']
+    assert hub['log_scalars']['train/loss'].mean() == 0.5
+    assert hub['runtime_info']['best_score'] == np.float64(0.5)
+    path.write_bytes(hub_checkpoint())
+    loaded = CheckpointLoader.load_checkpoint(str(path), map_location='cpu')
+    assert loaded['message_hub']['log_scalars']['train/loss'].mean() == 0.5
+
+
+def test_weights_only_stays_safe_without_an_allow_list():
+    """Where torch has an allow-list gc_mm fills it; where it has none
+    (torch < 2.4) weights_only=True still refuses mmengine's types: gc_mm
+    never turns the safety off."""
+    assert allow_checkpoint_globals() is HAS_ALLOW_LIST
+    if HAS_ALLOW_LIST:
+        check_hub(hub_checkpoint())
+    else:
+        with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):
+            torch.load(io.BytesIO(hub_checkpoint()), weights_only=True)
 
 
 def test_only_the_pkg_resources_deprecation_is_silenced():

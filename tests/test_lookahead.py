@@ -16,7 +16,7 @@ from mmengine.registry import METRICS, OPTIMIZERS
 from mmengine.runner import Runner
 
 import gc_mm  # noqa: F401  (registers the optimizers and hooks)
-from conftest import run_tool
+from conftest import needs_cpu_amp, run_tool
 from gc_mm.hooks import SlowWeightsHook
 from gc_mm.optimizers import inner_optimizer
 from reference import Reference
@@ -273,6 +273,7 @@ def test_a_parameter_whose_state_is_dropped_restarts_its_slow_weights():
                        opt.state[params[1]]['slow_weight'])
 
 
+@needs_cpu_amp
 def test_a_step_the_loss_scaler_skips_is_not_counted():
     """Under AMP, GradScaler skips the step for non-finite gradients (it
     does not call step): the parameters, the slow weights and the count of
@@ -475,6 +476,7 @@ def test_demo_resumed_through_train_py_ends_equal(tmp_path):
     iteration 3), and again resumed from epoch_1.pth: the same final slow
     weights (the checkpoint's model), fast weights and optimizer state,
     bit for bit."""
+    pytest.importorskip('mmdet')  # tools/train.py
     config = lookahead_demo(tmp_path)
     two_epochs = [o.replace('max_epochs=1', 'max_epochs=2') for o in
                   DEMO_SMALL] + ['default_hooks.checkpoint.interval=1',

@@ -2,6 +2,7 @@
 from the formulas (../shared/docs/gc_semantics.md, "Beyond plain GC"), and
 against torch.optim.RAdam where the formulas coincide; one test per known
 fault of popular RAdam/Ranger versions."""
+import inspect
 import io
 import math
 import os.path as osp
@@ -15,6 +16,13 @@ from mmengine.registry import OPTIMIZERS
 import gc_mm  # noqa: F401  (registers the optimizers)
 from conftest import REPO
 from reference import project
+
+# torch's RAdam takes decoupled_weight_decay from torch 2.2 on.
+TORCH_RADAM_DECOUPLES = 'decoupled_weight_decay' in inspect.signature(
+    torch.optim.RAdam).parameters
+needs_torch_radamw = pytest.mark.skipif(
+    not TORCH_RADAM_DECOUPLES,
+    reason="this torch's RAdam has no decoupled_weight_decay (torch < 2.2)")
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 # conv weight, fc weight, bias, conv 1x1 weight.
@@ -138,6 +146,8 @@ def test_gc_off_and_k1_equal_torch_radam_step_for_step(decoupled, dtype, tol,
     """GC off (and for Ranger k=1, alpha=1): torch.optim.RAdam, step for step
     across the rho_t <= 5 boundary, with either decay. (The plain path folds
     the scalars into one step size, so float32 agrees to rounding.)"""
+    if decoupled and not TORCH_RADAM_DECOUPLES:
+        pytest.skip("this torch's RAdam has no decoupled_weight_decay")
     hp = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1,
               decoupled_weight_decay=decoupled)
     weights, grads = initial_weights(), gradients(10)
@@ -145,7 +155,10 @@ def test_gc_off_and_k1_equal_torch_radam_step_for_step(decoupled, dtype, tol,
     params, opt = build(dict(type=wrapped, gc_mode=None, **hp, **extra),
                         weights, dtype)
     ours = [torch.nn.Parameter(torch.tensor(w, dtype=dtype)) for w in weights]
-    theirs = torch.optim.RAdam(ours, foreach=False, **hp)
+    torch_hp = dict(hp)
+    if not decoupled:  # torch's default (and torch < 2.2 has no such key)
+        del torch_hp['decoupled_weight_decay']
+    theirs = torch.optim.RAdam(ours, foreach=False, **torch_hp)
     for step_grads in grads:
         for p, q, g in zip(params, ours, step_grads):
             p.grad = torch.tensor(g, dtype=dtype)
@@ -414,6 +427,7 @@ def test_bad_options_are_refused_naming_them(cfg, message):
         assert len(opt.param_groups) == 1
 
 
+@needs_torch_radamw  # the benchmark's torch RAdam decouples the decay
 def test_benchmark_radam_variants_build_and_step():
     """tools/analysis/benchmark_gc.py --families radam: every variant builds
     and steps (timings are reported, never asserted); torch's RAdam is

@@ -1,6 +1,8 @@
 """SGD_GC's paths (the C++ kernel, the multi-tensor path, the plain path)
 against each other and the float64 reference: their routing, layouts,
 closures, what they leave in p.grad, failures, and the kernel's builds."""
+import importlib.machinery
+import importlib.metadata
 import io
 import os
 import re
@@ -129,6 +131,22 @@ def test_multi_tensor_batches_share_device_dtype_and_row_length():
     ], key=str)
 
 
+def gc_mm_installed() -> bool:
+    try:
+        importlib.metadata.distribution('gc_mm')
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# tools/test_torch.sh runs gc_mm from its sources (PYTHONPATH): no install
+# built a kernel there.
+needs_install = pytest.mark.skipif(
+    not gc_mm_installed(), reason='gc_mm is not installed here (run from '
+    'its sources): no kernel was built at install')
+
+
+@needs_install
 def test_install_built_the_kernel_for_this_cpu():
     """tools/install.sh compiles the kernel, for this CPU's instruction set
     and with OpenMP where torch has it, so SGD's default on CPU runs it
@@ -143,7 +161,9 @@ def test_install_built_the_kernel_for_this_cpu():
     assert kernel.openmp == torch.backends.openmp.is_available()
 
 
-@pytest.mark.parametrize('build', ['installed', 'built on first use'])
+@pytest.mark.parametrize(
+    'build', [pytest.param('installed', marks=needs_install),
+              'built on first use'])
 @pytest.mark.parametrize('name', SGD_NAMES)
 def test_both_kernel_builds_match_reference(build, name, monkeypatch):
     """The installed kernel and the one fused=True compiles on first use
@@ -183,6 +203,24 @@ def test_installed_kernel_is_not_used_with_another_torch(monkeypatch, taken):
                          'plain': [[(4, 3)]]}
     finally:
         gc_mm.kernels.installed.cache_clear()
+
+
+def test_installed_kernel_that_does_not_load_is_not_used(monkeypatch,
+                                                         tmp_path):
+    """A kernel whose library does not load with this torch (built against
+    another one: undefined symbols) is left alone with a warning, as one
+    built for another torch version; before, it was skipped in silence."""
+    module = f'_{gc_mm.kernels.module_name("sgd")}'
+    (tmp_path / (module + importlib.machinery.EXTENSION_SUFFIXES[0])
+     ).write_bytes(b'not a shared library')
+    monkeypatch.setattr(gc_mm.kernels, '__path__',
+                        [str(tmp_path), *gc_mm.kernels.__path__])
+    monkeypatch.delitem(sys.modules, f'gc_mm.kernels.{module}', raising=False)
+    logged = []
+    monkeypatch.setattr(gc_mm.kernels, 'print_log',
+                        lambda message, **kwargs: logged.append(message))
+    assert gc_mm.kernels.installed.__wrapped__('sgd') is None
+    assert len(logged) == 1 and 'does not load with torch' in logged[0]
 
 
 @pytest.mark.parametrize('device,options,path', [

@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 import gc_mm  # noqa: F401  (allow-lists the types of mmengine checkpoints)
-from conftest import REPO, run_tool
+from conftest import REPO, load_checkpoint, run_tool
 from gc_mm.hooks import RandomStateHook
 
 DEMO = osp.join(REPO, 'configs/demo/mask_rcnn_r18_fpn_gc_shapes.py')
@@ -64,7 +64,7 @@ def scalars(work_dir):
 
 
 def checkpoint(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return load_checkpoint(path)  # weights_only=True where torch allows
 
 
 @pytest.fixture(scope='module')

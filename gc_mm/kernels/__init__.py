@@ -38,7 +38,13 @@ def installed(name: str) -> Optional[object]:
     CPU or another torch)."""
     try:
         module = importlib.import_module(f'{__name__}._{module_name(name)}')
-    except ImportError:  # not built, or its symbols are not this torch's
+    except ImportError as error:  # not built, or its symbols are not this
+        # torch's (said: an install that does not load)
+        if not isinstance(error, ModuleNotFoundError):
+            print_log(f'gc_mm: the {name} kernel installed does not load '
+                      f'with torch {torch.__version__} ({error}); it takes '
+                      'its plain path. Reinstall gc_mm to rebuild it',
+                      logger='current', level=logging.WARNING)
         return None
     built_for = module.torch_version
     if built_for != torch.__version__.split('+')[0]:

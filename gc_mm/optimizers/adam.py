@@ -38,10 +38,12 @@ Example::
     optim_wrapper = dict(optimizer=dict(
         type='AdamW_GC2', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05))
 """
+import functools
 import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.optim.adam as torch_adam
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
 from torch.optim.adam import adam
@@ -51,9 +53,21 @@ from .base import (CLASS_RULE, GCOptimizer, centralize_group_, check_betas,
                    check_non_negative)
 from .fused import adaptive_steps, check_path_option
 
-# Devices where Adam_GC hands the update to torch's fused Adam (one kernel
-# per tensor for moments and update).
-_TORCH_FUSED_ADAM_DEVICES = ('cpu', 'cuda')
+
+@functools.lru_cache(maxsize=None)
+def _torch_fused_adam_devices() -> Tuple[str, ...]:
+    """Devices where Adam_GC hands the update to torch's fused Adam (one
+    kernel per tensor for moments and update): CUDA, and the CPU where this
+    torch has a CPU kernel for it (2.4 and later; tried on one element)."""
+    zeros = [torch.zeros(1) for _ in range(4)]
+    try:
+        torch_adam.adam(
+            zeros[:1], zeros[1:2], zeros[2:3], zeros[3:], [],
+            [torch.zeros(())], fused=True, amsgrad=False, beta1=0.9,
+            beta2=0.999, lr=0., weight_decay=0., eps=1e-8, maximize=False)
+    except (NotImplementedError, RuntimeError):
+        return ('cuda', )
+    return ('cpu', 'cuda')
 
 
 def _fits_torch_fused(param: Tensor) -> bool:
@@ -64,7 +78,7 @@ def _fits_torch_fused(param: Tensor) -> bool:
     parameters keep float32 moments on the plain path."""
     grad = param.grad
     return (param.dtype in (torch.float32, torch.float64)
-            and param.device.type in _TORCH_FUSED_ADAM_DEVICES
+            and param.device.type in _torch_fused_adam_devices()
             and grad.stride() == param.stride()
             and (param.is_contiguous()
                  or param.is_contiguous(memory_format=torch.channels_last)))

@@ -6,6 +6,7 @@ A family module (sgd.py, adam.py, adagrad.py, radam.py) subclasses
 ``_update_tensor`` (the per-tensor maths, the plain path) and, with a C++
 kernel, ``_kernel_takes`` and ``_update_kernel``.
 """
+from functools import partial
 from itertools import chain
 from typing import Dict, List, Optional
 
@@ -14,7 +15,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import kernels
-from ..centralize import centralize_, check_gc_mode, check_output_layout
+from ..centralize import (centralize_, check_gc_mode, check_output_layout,
+                          is_centralized)
+from ..sharding import check_sharded_group
 from .fused import KERNEL_DTYPES, fast_path_takes, kernel_path
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -36,6 +39,12 @@ CLASS_RULE = _ClassRule()
 def check_non_negative(group: dict, *names: str) -> None:
     for name in names:
         value = group[name]
+        if name == 'lr' and torch.is_tensor(value):
+            # torch's words (its test suite matches them): its optimizers
+            # refuse a tensor lr where a path cannot take one.
+            raise ValueError('lr as a Tensor is not supported by gc_mm\'s '
+                             'optimizers (their paths take the learning rate '
+                             f'as a Python number): give a float, got {value!r}')
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f'{name} must be a non-negative number, '
                              f'got {value!r}')
@@ -63,6 +72,15 @@ def centralize_group_(tensors: List[Tensor], group: dict) -> None:
     if group['gc_mode'] is not None:
         centralize_(tensors, conv_only=group['gc_mode'] == 'conv',
                     **group_layout(group))
+
+
+def group_params(group: dict) -> List[Tensor]:
+    """The tensors of a param group as given to ``add_param_group``: a
+    tensor, or an iterable of tensors or of (name, tensor) pairs, as
+    ``model.named_parameters()`` gives them."""
+    params = group.get('params', [])
+    params = [params] if torch.is_tensor(params) else list(params)
+    return [p[1] if isinstance(p, tuple) else p for p in params]
 
 
 class GCOptimizer(Optimizer):
@@ -97,22 +115,33 @@ class GCOptimizer(Optimizer):
         """Every check of a group's options (defaults filled in)."""
         self._check_group(group)
         check_gc_mode(group['gc_mode'])
-        params = group.get('params', [])
-        params = [params] if torch.is_tensor(params) else list(params)
-        check_output_layout([p for p in params if p.ndim > 1],
+        check_output_layout([p for p in group_params(group) if p.ndim > 1],
                             **group_layout(group))
 
     def add_param_group(self, param_group: dict) -> None:
         # Check the group as it will be used (defaults filled in) before it
-        # is added, so a bad group leaves the optimizer unchanged.
+        # is added, so a bad group leaves the optimizer unchanged; its
+        # parameters, if given as an iterator, read once here (torch refuses
+        # a set: left to it).
+        params = param_group.get('params')
+        if not (params is None or torch.is_tensor(params)
+                or isinstance(params, (set, list))):
+            param_group['params'] = list(params)
         self._check_options({**self.defaults, **param_group})
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        # The tensors given, against which DeepSpeed ZeRO-1/2's flat
+        # partition, swapped in later, is found (_check_sharding).
+        self.__dict__.setdefault('_gc_given', {}).update(
+            (id(param), param) for param in group['params'])
         try:
-            for param in self.param_groups[index]['params']:
+            for param in group['params']:
                 self._check_dtype(param, index)
-        except ValueError:
-            self.param_groups.pop()
+                self._check_device(param, group, index)
+            self._check_sharding(group, index)
+        except (ValueError, RuntimeError):
+            self.param_groups.pop()  # leave the optimizer as it was
             raise
 
     def _check_dtype(self, param: Tensor, index: int) -> None:
@@ -131,8 +160,39 @@ class GCOptimizer(Optimizer):
                     'float16 and bfloat16 tensors only (GC and its update '
                     'rules are written for real numbers)')
 
+    def _check_device(self, param: Tensor, group: dict, index: int) -> None:
+        """Raise if ``fused=True`` asks for the C++ kernel, which runs on
+        CPU tensors, for a parameter elsewhere (as torch's fused optimizers
+        refuse the devices they have no kernel for)."""
+        if (self.kernel is not None and group.get('fused') is True
+                and not param.is_cpu):
+            raise RuntimeError(
+                f'{type(self).__name__}(fused=True) runs on CPU parameters '
+                f'only (gc_mm has no {param.device.type} kernel yet); param '
+                f'group {index} has one on {param.device}. Use the default '
+                'path (fused=None), which runs on any device.')
+
+    def _check_sharding(self, group: dict, index: int) -> None:
+        """Refuse, before anything moves, what GC cannot be exact on where
+        the group's GC is on: the flat shards of FSDP1 and DeepSpeed
+        ZeRO-1/2, DTensors whose shards split rows (gc_mm/sharding.py)."""
+        gc_mode = group['gc_mode']
+        if gc_mode is None:
+            return
+        check_sharded_group(
+            group['params'], partial(is_centralized, gc_mode=gc_mode),
+            type(self).__name__, index, group_layout(group)['out_dim'],
+            given=self.__dict__.get('_gc_given'),
+            names=group.get('param_names'))
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        # A copy (deepcopy, unpickling) was given the tensors it holds; a
+        # load_state_dict (which calls this too) keeps what was given.
+        if '_gc_given' not in self.__dict__:
+            self._gc_given = {
+                id(param): param for group in self.param_groups
+                for param in group['params']}
         # Groups loaded from an older checkpoint (or another optimizer's)
         # get the options they lack, e.g. gc_mode, from the defaults.
         # (torch's own 'differentiable', which it adds to defaults, stays
@@ -210,6 +270,7 @@ class GCOptimizer(Optimizer):
                 f'{index}, shape {tuple(param.shape)}): GC is undefined for '
                 'sparse gradients')
         self._check_dtype(param, index)
+        self._check_device(param, group, index)
         if self.kernel is not None and group.get('fused'):
             # Built (or loaded) now, before any parameter moves.
             try:
@@ -231,6 +292,7 @@ class GCOptimizer(Optimizer):
                   for group in self.param_groups]
         # Refuse what the step cannot do before any parameter moves.
         for index, (group, params) in enumerate(groups):
+            self._check_sharding(group, index)
             for param in params:
                 self._check_param(param, group, index)
         for group, params in groups:

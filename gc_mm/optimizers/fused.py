@@ -25,6 +25,7 @@ from torch.optim.optimizer import (_global_optimizer_post_hooks,
                                    _global_optimizer_pre_hooks)
 
 from .. import kernels
+from ..sharding import is_dtensor
 
 # The dtypes the kernels are compiled for (AT_DISPATCH_FLOATING_TYPES).
 KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -51,13 +52,16 @@ def fast_path_takes(param: Tensor, *tensors: Optional[Tensor]) -> bool:
     """Whether the fast paths (the C++ kernels, which also need the CPU:
     their callers check it; SGD's multi-tensor path anywhere) can update
     ``param`` with these tensors (gradient, state; None for an absent
-    one): a non-empty float32/float64 tensor whose tensors share its
-    device, dtype and memory layout, with each row one block of memory."""
+    one): a non-empty float32/float64 tensor, not a DTensor, whose tensors
+    share its device, dtype and memory layout, with each row one block of
+    memory."""
     # Called per tensor and step, so written as plain loops (generator
     # expressions cost more than the checks), the common case (all
     # contiguous) without a permuted view.
     dtype, on_cpu = param.dtype, param.is_cpu
-    if dtype not in KERNEL_DTYPES or not param.numel():
+    if dtype not in KERNEL_DTYPES or not param.numel() or is_dtensor(param):
+        # A DTensor (FSDP2) takes the plain path, which centralizes its
+        # local rows: these paths would lay out (and gather) the whole one.
         return False
     order = None if param.is_contiguous() else rows_order(param)
     if order is None and not param.is_contiguous():

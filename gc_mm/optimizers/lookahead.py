@@ -73,6 +73,21 @@ def _slow_copy(param: Tensor, value: Tensor) -> Tensor:
     return like.clone() if like is value else like
 
 
+def _save_lookahead_steps(optimizer: 'Lookahead', state_dict: dict) -> None:
+    state_dict['lookahead'] = dict(steps=optimizer.lookahead_steps)
+
+
+def _step_without_hooks(optimizer: Optimizer, closure):
+    """``optimizer.step(closure)`` without the step hooks torch's
+    Optimizer wraps every step in (``profile_hook_step``, marked
+    ``hooked``): the inner step is part of Lookahead's, whose hooks
+    (global and its own) fire once per Lookahead step."""
+    step = type(optimizer).step
+    if getattr(step, 'hooked', False):
+        step = step.__wrapped__
+    return step(optimizer, closure)
+
+
 @OPTIMIZERS.register_module()
 class Lookahead(Optimizer):
     """Lookahead around the optimizer built from ``optimizer``.
@@ -107,6 +122,11 @@ class Lookahead(Optimizer):
         # the inner optimizer's add_param_group.
         groups = self.optimizer.param_groups
         super().__init__(groups, self.optimizer.defaults)
+        # Lookahead's entry of the state dict, written by torch's
+        # Optimizer.state_dict through its hook machinery: first, so the
+        # hooks users register see it.
+        self.register_state_dict_post_hook(_save_lookahead_steps,
+                                           prepend=True)
 
     # The inner optimizer's own objects, also after its load_state_dict
     # replaces them.
@@ -152,7 +172,7 @@ class Lookahead(Optimizer):
                   for group in self.param_groups for param in group['params']
                   if param.requires_grad
                   and SLOW_WEIGHT not in self.state.get(param, ())]
-        loss = self.optimizer.step(closure)
+        loss = _step_without_hooks(self.optimizer, closure)
         for param, start in starts:
             if param.grad is not None:
                 self.state[param][SLOW_WEIGHT] = start
@@ -176,18 +196,30 @@ class Lookahead(Optimizer):
             slow.lerp_(param.to(slow.dtype), self.alpha)
             param.copy_(slow)
 
-    def state_dict(self) -> dict:
-        """The inner optimizer's state dict (each parameter's state holds
-        its ``'slow_weight'``) and ``lookahead=dict(steps=...)``."""
-        state_dict = self.optimizer.state_dict()
-        state_dict['lookahead'] = dict(steps=self.lookahead_steps)
-        return state_dict
+    # state_dict is torch's (Optimizer.state_dict, with this optimizer's
+    # hooks): the shared groups and state, each parameter's state holding
+    # its 'slow_weight', and lookahead=dict(steps=...) from the post hook
+    # registered in __init__.
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load :meth:`state_dict` (or a state dict of the inner optimizer
-        alone: the slow weights then start at the next step). The slow
-        weights get their parameter's device, layout and dtype (float32 for
-        half precision) whatever the inner optimizer does with its state."""
+        alone: the slow weights then start at the next step) through the
+        inner optimizer's ``load_state_dict``, with this optimizer's load
+        hooks (``register_load_state_dict_pre_hook``/``post_hook``) run
+        around it as torch's ``Optimizer.load_state_dict`` runs them. The
+        slow weights get their parameter's device, layout and dtype
+        (float32 for half precision) whatever the inner optimizer does with
+        its state."""
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_into_inner(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_into_inner(self, state_dict: dict) -> None:
         saved_ids = [index for group in state_dict['param_groups']
                      for index in group['params']]
         params = [param for group in self.param_groups

@@ -308,28 +308,6 @@ class _SGDBase(GCOptimizer):
             raise ValueError('fused=True and foreach=True ask for two paths: '
                              'set one of them')
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for param in group['params']:
-            try:
-                self._check_device(param, group, len(self.param_groups) - 1)
-            except RuntimeError:
-                self.param_groups.pop()  # leave the optimizer as it was
-                raise
-
-    def _check_param(self, param: Tensor, group: dict, index: int) -> None:
-        super()._check_param(param, group, index)
-        self._check_device(param, group, index)
-
-    def _check_device(self, param: Tensor, group: dict, index: int) -> None:
-        if group['fused'] is True and not param.is_cpu:
-            raise RuntimeError(
-                f'{type(self).__name__}(fused=True) runs on CPU parameters '
-                f'only (gc_mm has no {param.device.type} kernel yet); param '
-                f'group {index} has one on {param.device}. Use the default '
-                'path (fused=None), which runs on any device.')
-
     @staticmethod
     def path(group: dict, on_cpu: bool) -> str:
         """The path ('fused', 'multi_tensor' or 'plain') a regular tensor

@@ -1,0 +1,221 @@
+"""GC under sharded data parallelism, on two gloo ranks.
+
+FSDP2 (``fully_shard``: DTensor parameters sharded ``Shard(0)``, here with
+even, uneven and empty shards) trains to the single-process run's weights
+for every GC optimizer family and both GC wrappers, with no collective in
+the optimizer step and DTensor state (what torch's distributed
+checkpointing saves). FSDP1's flat 1-D shards, where GC would silently do
+nothing, are refused with one line before the first step.
+"""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from mmengine.optim import build_optim_wrapper
+from torch import nn
+
+import gc_mm  # noqa: F401  (registers the GC optimizers and wrappers)
+
+STEPS = 3
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+ADAM = dict(lr=1e-2, weight_decay=1e-2)
+# Each GC optimizer family (SGD's paths: the kernel, the multi-tensor and
+# the plain path; the adaptive families' kernel and default) and both GC
+# wrappers, as optim_wrapper configs.
+CASES = {
+    'SGD_GC': dict(optimizer=dict(type='SGD_GC', **SGD)),
+    'SGD_GC-fused': dict(optimizer=dict(type='SGD_GC', fused=True, **SGD)),
+    'SGD_GC-foreach': dict(optimizer=dict(type='SGD_GC', foreach=True,
+                                          **SGD)),
+    'SGDW_GCC-plain': dict(optimizer=dict(
+        type='SGDW_GCC', nesterov=True, fused=False, foreach=False, **SGD)),
+    'Adam_GC': dict(optimizer=dict(type='Adam_GC', **ADAM)),
+    'Adam_GC-fused': dict(optimizer=dict(type='Adam_GC', fused=True,
+                                         **ADAM)),
+    'AdamW_GC2-fused': dict(optimizer=dict(type='AdamW_GC2', fused=True,
+                                           **ADAM)),
+    'Adagrad_GC-fused': dict(optimizer=dict(type='Adagrad_GC', fused=True,
+                                            **ADAM)),
+    'RAdam_GC': dict(optimizer=dict(type='RAdam_GC', **ADAM)),
+    'Ranger': dict(optimizer=dict(type='Ranger', k=2, **ADAM)),
+    'GCOptimWrapper-SGD': dict(type='GCOptimWrapper',
+                               optimizer=dict(type='SGD', **SGD)),
+    'GCOptimWrapper-AdamW': dict(type='GCOptimWrapper',
+                                 optimizer=dict(type='AdamW', **ADAM)),
+    'AmpGCOptimWrapper-SGD': dict(type='AmpGCOptimWrapper', loss_scale=64.,
+                                  optimizer=dict(type='SGD', **SGD)),
+}
+
+
+class Net(nn.Module):
+    """On two ranks, Shard(0) gives the conv's 3 rows as 2 + 1 (uneven), the
+    fc's 4 rows as 2 + 2 (even) and the head's one row as 1 + 0 (empty)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(12, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).flatten(1)
+        return self.head(torch.tanh(self.fc(x)))
+
+
+def batch(step):
+    """The global batch of a step; rank r trains on its rows 2r, 2r + 1."""
+    return torch.randn(4, 2, 4, 4,
+                       generator=torch.Generator().manual_seed(step))
+
+
+def loss_of(model, x):
+    return model(x).pow(2).mean() * 10
+
+
+def train(model, cfg, inputs, count_comms=False):
+    """STEPS updates; the number of collectives in the optimizer steps."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    wrapper = build_optim_wrapper(model, cfg)
+    collectives = 0
+    for step in range(STEPS):
+        wrapper.backward(loss_of(model, inputs(step)))
+        with CommDebugMode() as comms:
+            wrapper.step()
+        collectives += comms.get_total_counts()
+        wrapper.zero_grad()
+    return wrapper, collectives
+
+
+def reference(cfg):
+    model = Net()
+    train(model, cfg, batch)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _init(rank, folder):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2')
+    torch.distributed.init_process_group(
+        'gloo', init_method=f'file://{folder}/rendezvous', rank=rank,
+        world_size=2)
+
+
+def _fsdp2_on_rank(rank, folder):
+    from torch.distributed.checkpoint.state_dict import \
+        get_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    _init(rank, folder)
+    sharded = Net()
+    for module in (sharded.conv, sharded.fc, sharded.head, sharded):
+        fully_shard(module)
+    results = {'local_rows': {n: p.to_local().shape[0]
+                              for n, p in sharded.named_parameters()}}
+    for name, cfg in CASES.items():
+        model = Net()
+        for module in (model.conv, model.fc, model.head, model):
+            fully_shard(module)
+        try:
+            wrapper, collectives = train(
+                model, cfg, lambda step: batch(step)[2 * rank:2 * rank + 2])
+        except Exception as error:  # reported by the test, per case
+            results[name] = f'{type(error).__name__}: {error}'
+            continue
+        # The DTensor state torch's distributed checkpointing saves.
+        saved = get_optimizer_state_dict(model, wrapper.optimizer)
+        state_is_sharded = all(
+            isinstance(value, DTensor)
+            for state in saved['state'].values() for value in state.values()
+            if torch.is_tensor(value) and value.ndim)
+        results[name] = dict(
+            weights={n: p.full_tensor() for n, p in model.named_parameters()},
+            collectives=collectives, state_is_sharded=state_is_sharded)
+    torch.save(results, f'{folder}/rank{rank}.pth')
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def fsdp2_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('fsdp2')
+    mp.spawn(_fsdp2_on_rank, args=(str(folder), ), nprocs=2)
+    return [torch.load(folder / f'rank{r}.pth', weights_only=True)
+            for r in (0, 1)]
+
+
+def test_fsdp2_shards_are_even_uneven_and_empty(fsdp2_runs):
+    assert [runs['local_rows'] for runs in fsdp2_runs] == [
+        {'conv.weight': 2, 'conv.bias': 2, 'fc.weight': 2, 'fc.bias': 2,
+         'head.weight': 1, 'head.bias': 1},
+        {'conv.weight': 1, 'conv.bias': 1, 'fc.weight': 2, 'fc.bias': 2,
+         'head.weight': 0, 'head.bias': 0}]
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_fsdp2_equals_one_process(fsdp2_runs, name):
+    """Each rank centralizes its own rows: the weights equal the
+    single-process run's, with no collective for GC in the optimizer step
+    (the gradient reduce-scatter of backward is FSDP's own), and the state
+    is DTensors."""
+    want = reference(CASES[name])
+    for rank, runs in enumerate(fsdp2_runs):
+        run = runs[name]
+        assert isinstance(run, dict), f'rank {rank}: {run}'
+        for param, weight in want.items():
+            torch.testing.assert_close(run['weights'][param], weight,
+                                       rtol=1e-5, atol=1e-6, msg=param)
+        # GradScaler's inf check all-reduces once per step (torch's, for
+        # DTensor gradients); GC adds nothing.
+        assert run['collectives'] == (STEPS if name.startswith('Amp') else 0)
+        assert run['state_is_sharded']
+    # GC made a difference here: the run without it ends elsewhere.
+    without_gc = reference(dict(optimizer=dict(
+        CASES[name]['optimizer'], gc_mode=None)) if 'type' not in CASES[name]
+        else dict(CASES[name], gc_mode=None))
+    assert not torch.allclose(without_gc['fc.weight'], want['fc.weight'])
+
+
+def _fsdp1_on_rank(rank, folder):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    _init(rank, folder)
+    cases = dict(CASES, **{'SGD_GC-off': dict(optimizer=dict(
+        type='SGD_GC', gc_mode=None, **SGD))})
+    results = {}
+    for use_orig_params in (False, True):
+        for name, cfg in cases.items():
+            model = FullyShardedDataParallel(
+                Net(), use_orig_params=use_orig_params,
+                device_id=torch.device('cpu'))
+            before = [p.detach().clone() for p in model.parameters()]
+            try:
+                train(model, cfg,
+                      lambda step: batch(step)[2 * rank:2 * rank + 2])
+                outcome = 'trained'
+            except ValueError as error:
+                outcome = str(error)
+            unchanged = all(torch.equal(p, b) for p, b in zip(
+                model.parameters(), before))
+            results[name, use_orig_params] = outcome, unchanged
+    torch.save(results, f'{folder}/rank{rank}.pth')
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp1_flat_shards_are_refused_before_the_first_step(tmp_path):
+    """FSDP1 (either use_orig_params) hands the optimizer flat 1-D shards:
+    every GC optimizer and both GC wrappers refuse them with one line that
+    says why and what to use, before any weight moves; with GC off the
+    same model trains."""
+    mp.spawn(_fsdp1_on_rank, args=(str(tmp_path), ), nprocs=2)
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f'rank{rank}.pth', weights_only=True)
+        for (name, use_orig_params), (outcome, unchanged) in results.items():
+            where = f'rank {rank}, {name}, use_orig_params={use_orig_params}'
+            if name == 'SGD_GC-off':
+                assert outcome == 'trained', where
+                assert not unchanged, where
+                continue
+            assert 'FSDP1' in outcome and 'flat' in outcome, where
+            assert 'GC would silently do nothing' in outcome, where
+            assert 'fully_shard' in outcome and 'DDP' in outcome, where
+            assert '\n' not in outcome, where
+            assert unchanged, where
