@@ -38,10 +38,12 @@ def device_paths():
 
 
 def skip_cpu_only(name, path, device):
-    """SGD's C++ kernel (``fused=True``) takes CPU tensors only; elsewhere
-    it is refused when the group is built (test_sgd)."""
-    if device != 'cpu' and name in SGD_NAMES and path == 'fused':
-        pytest.skip("SGD's C++ kernel takes CPU tensors only")
+    """SGD's ``fused=True`` is its C++ kernel on CPU and its Triton kernel
+    on CUDA, where triton is installed; elsewhere it is refused when the
+    group is built (test_sgd)."""
+    if (device != 'cpu' and name in SGD_NAMES and path == 'fused'
+            and not gc_mm.kernels.triton_available()):
+        pytest.skip("SGD's fused path off the CPU needs triton")
 
 
 def on(device, array, dtype, layout='contiguous'):
@@ -173,6 +175,33 @@ def test_radam_and_ranger_match_reference(device, name, case, dtype, tol):
     for p, w, shape in zip(params, want, test_radam.SHAPES):
         np.testing.assert_allclose(p.detach().cpu().double().numpy(), w,
                                    rtol=tol, atol=tol, err_msg=str(shape))
+
+
+@pytest.mark.parametrize('name', SGD_NAMES)
+@pytest.mark.parametrize('momentum', [0., 0.9])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_sgd_fused_on_cuda_takes_the_triton_kernel(name, momentum,
+                                                   monkeypatch):
+    """One launch per step for all the tensors (float32 and float64 ones in
+    two), none left to another path; the reference's numbers."""
+    triton_sgd = pytest.importorskip('gc_mm.kernels.triton_sgd')
+    calls = []
+    original = triton_sgd.sgd_steps
+    monkeypatch.setattr(triton_sgd, 'sgd_steps', lambda *args, **kwargs: (
+        calls.append(len(args[0])), original(*args, **kwargs)))
+    hp = dict(lr=0.05, momentum=momentum, weight_decay=0.01)
+    weights, grads = initial_weights(), gradients()
+    params = [nn.Parameter(on('cuda', w, F64 if i % 2 else F32))
+              for i, w in enumerate(weights)]
+    opt = OPTIMIZERS.build(dict(type=name, params=params, fused=True, **hp))
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = on('cuda', g, p.dtype)
+        opt.step()
+    assert calls == [len(SHAPES)] * len(grads)
+    assert_reference(params, run_reference(name, hp, weights, grads), 2e-5,
+                     name)
 
 
 def torch_implementations(cls, device):

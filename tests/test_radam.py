@@ -359,29 +359,20 @@ def test_resume_is_bit_exact(name, dtype, stop):
 @pytest.mark.parametrize('loc', ['gradient', 'update'])
 @pytest.mark.parametrize('fused', [True, False])
 def test_what_step_leaves_in_grad(dtype, loc, fused):
-    """README's table: on the plain path (and RAdam's un-adapted first
-    steps) with gc_loc='gradient', p.grad of a float32/float64 parameter
-    holds what the moments were fed, P(g + wd * w) (decay and GC in place,
-    as the other GC optimizers); the kernel (the rectified steps, from the
-    sixth), 'update' and half precision leave it as is."""
+    """README: every path (the plain one, RAdam's un-adapted first steps,
+    the kernel's rectified steps from the sixth), gc_loc and dtype leaves
+    p.grad as backward left it, as torch's RAdam (the plain path with
+    gc_loc='gradient' used to leave P(g + wd * w) there)."""
     hp = dict(lr=0.01, weight_decay=0.1, gc_loc=loc, fused=fused)
     weights, grads = initial_weights(dtype=dtype), gradients(6)
     params, opt = build(dict(type='RAdam_GC', **hp), weights, dtype)
     for step, step_grads in enumerate(grads, 1):
-        before = [p.detach().double().numpy().copy() for p in params]
         step_grads = [torch.tensor(g, dtype=dtype) for g in step_grads]
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         opt.step()
-        untouched = (loc == 'update' or dtype == BF16
-                     or (fused and step == 6))
-        for p, g, w in zip(params, step_grads, before):
-            if untouched:
-                assert torch.equal(p.grad, g), step
-            else:
-                want = project(g.double().numpy() + 0.1 * w, 'conv_fc')
-                np.testing.assert_allclose(p.grad.double().numpy(), want,
-                                           rtol=1e-6, atol=1e-6)
+        for p, g in zip(params, step_grads):
+            assert torch.equal(p.grad, g), step
 
 
 def test_gc_of_the_update_keeps_row_means_fixed():

@@ -515,6 +515,29 @@ def test_non_empty_state(info):
             assert len(state) > 0
 
 
+@optims()
+def test_step_leaves_the_gradients_alone(info):
+    """torch's optimizers never write ``p.grad`` (test_load_nontensor_step and
+    test_deepcopy_copies_all_public_attrs step three times on one gradient):
+    neither do gc_mm's, on every path, so a second step on the same gradient
+    is a step on that gradient, not on the first step's direction."""
+    for kwargs in all_inputs(info):
+        for impl in ('fused', 'foreach'):
+            if impl in info.impls:
+                kwargs.setdefault(impl, False)
+        shapes = [(4, 3, 2, 2), (5, 7), (5, )]
+        params = [Parameter(torch.randn(s, dtype=torch.float64))
+                  for s in shapes]
+        grads = [torch.randn_like(p) for p in params]
+        optimizer = info.build(params, **dict(kwargs, weight_decay=0.1))
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        optimizer.step()
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g)
+
+
 def _compare_between(inpt, models, optimizers, tol):
     """torch: TestOptimRenewed._compare_between: 7 steps, a layer frozen in
     steps 3 and 4, no gradient in step 2; parameters and every state tensor

@@ -17,6 +17,7 @@ A kernel comes from one of two builds, both for this CPU's instruction set
 import functools
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import os.path as osp
@@ -99,3 +100,11 @@ def build(name: str):
 def load(name: str):
     """The kernel ``name``: the installed one, else built on first use."""
     return installed(name) or build(name)
+
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton is installed: SGD_GC's kernel for CUDA tensors
+    (:mod:`gc_mm.kernels.triton_sgd`, imported when first used) needs it."""
+    return importlib.util.find_spec('triton') is not None

@@ -11,9 +11,8 @@ On CPU the C++ kernel (gc_mm/kernels/adaptive.cpp) does the whole step
 in one pass over memory where it was compiled at install, or with
 ``fused=True``; elsewhere the plain path, tensor by tensor.
 
-After ``step()``, ``p.grad`` is as backward left it on the kernel and for
-half-precision parameters; on the plain path it holds g' (as in the
-authors' code).
+After ``step()``, ``p.grad`` is as backward left it, on every path (the
+authors' code wrote g' there; torch's optimizers never write it).
 
 Example::
 
@@ -111,11 +110,14 @@ class _AdagradBase(GCOptimizer):
                        state: Dict[str, Tensor], group: dict) -> None:
         self._init_state(state, param, group)
         state['step'] += 1
-        # In place, as in the authors' code (a copy would add a pass to the
-        # step): p.grad of a float32/float64 parameter then holds g'.
+        # g' in a new tensor where it is not the gradient itself: p.grad
+        # stays what backward left, as in torch's optimizers.
         if group['weight_decay']:
-            grad.add_(param, alpha=group['weight_decay'])
-        centralize_group_([grad], group)
+            grad = grad.add(param, alpha=group['weight_decay'])
+        if is_centralized(param, group['gc_mode']):
+            if grad is param.grad:
+                grad = grad.clone()
+            centralize_group_([grad], group)
         clr = self._clr(state['step'], group)
         state['sum'].addcmul_(grad, grad, value=1)
         std = state['sum'].sqrt().add_(group['eps'])

@@ -17,16 +17,13 @@ Paths: on CPU every variant takes the C++ kernel
 (gc_mm/kernels/adaptive.cpp, :mod:`gc_mm.optimizers.fused`: decay, GC,
 moments and update in one pass over memory) where it was compiled at
 install, or with ``fused=True``. On CUDA, Adam_GC and Adam_GCC are torch's
-fused Adam fed with ``P(g + wd * w)`` (decay and GC in place on the
+fused Adam fed with ``P(g + wd * w)`` (decay and GC on copies of the
 gradients). Everything else (half precision, a gradient or state whose
 layout differs from its parameter's, ``fused=False``, the other variants
 off the CPU) takes the plain path, the authors' loop tensor by tensor.
 
-After ``step()``, ``p.grad`` is as backward left it on the kernel, for the
-"2" variants and for half-precision parameters (updated through a float32
-copy). Elsewhere it holds what the moments were fed, centralized in place
-as in the authors' code: ``P(g + wd * w)`` (Adam_GC, Adam_GCC) or ``P(g)``
-(AdamW_GC, AdamW_GCC).
+After ``step()``, ``p.grad`` is as backward left it, on every path (the
+authors' code centralized it in place; torch's optimizers never write it).
 
 The AdamW here is the authors' (decay scaled by sqrt(bc2)/bc1, eps added to
 the uncorrected sqrt(v)), not ``torch.optim.AdamW``. The "2" variants
@@ -196,10 +193,14 @@ class _AdamBase(GCOptimizer):
 
     def _update_fused(self, group: dict, params: List[Tensor]) -> None:
         grads = [param.grad for param in params]
-        # In place, as in the authors' code: a copy of every gradient would
-        # add a pass over fresh memory to the step. README says so.
+        # What torch's Adam is fed, in new tensors: p.grad stays what
+        # backward left, as in torch's optimizers (torch's foreach Adam
+        # makes the same copy for its decay).
         if group['weight_decay']:
-            torch._foreach_add_(grads, params, alpha=group['weight_decay'])
+            grads = torch._foreach_add(grads, params,
+                                       alpha=group['weight_decay'])
+        elif group['gc_mode'] is not None:
+            grads = [grad.clone() for grad in grads]
         centralize_group_(grads, group)
         states = [self.state[param] for param in params]
         for state, param in zip(states, params):
@@ -249,15 +250,14 @@ class _AdamBase(GCOptimizer):
         bias_correction1 = 1 - beta1**state['step']
         bias_correction2 = 1 - beta2**state['step']
 
-        # A variant that centralizes the gradient does it in place, as the
-        # authors' code does (a copy would add a pass to the step), so
-        # p.grad then holds what the moments are fed; the "2" variants
-        # leave p.grad untouched at no cost.
+        # What the moments are fed, in a new tensor where it is not the
+        # gradient itself: p.grad stays what backward left, as in torch's
+        # optimizers (the authors' code wrote it in place).
         if weight_decay and not self.decoupled_weight_decay:
-            grad = (grad.add(param, alpha=weight_decay)
-                    if self.centralize_update else grad.add_(
-                        param, alpha=weight_decay))
+            grad = grad.add(param, alpha=weight_decay)
         if centralized and not self.centralize_update:
+            if grad is param.grad:
+                grad = grad.clone()
             centralize_group_([grad], group)
         exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)

@@ -99,8 +99,10 @@ class GCOptimizer(Optimizer):
     # running optimizer's values win over the checkpoint's.
     path_options: tuple = ()
     # The family's C++ kernel (gc_mm/kernels/<kernel>.cpp), which a group's
-    # ``fused=True`` asks for.
+    # ``fused=True`` asks for; with cuda_kernel, ``fused=True`` on CUDA
+    # tensors asks for its Triton kernel (gc_mm/kernels/triton_<kernel>.py).
     kernel: Optional[str] = None
+    cuda_kernel = False
 
     def __init__(self, params, defaults: dict):
         if defaults['gc_mode'] is CLASS_RULE:
@@ -161,16 +163,25 @@ class GCOptimizer(Optimizer):
                     'rules are written for real numbers)')
 
     def _check_device(self, param: Tensor, group: dict, index: int) -> None:
-        """Raise if ``fused=True`` asks for the C++ kernel, which runs on
-        CPU tensors, for a parameter elsewhere (as torch's fused optimizers
+        """Raise if ``fused=True`` asks for a kernel on a device that has
+        none: the C++ kernels run on CPU tensors, SGD's Triton kernel on
+        CUDA ones where triton is installed (as torch's fused optimizers
         refuse the devices they have no kernel for)."""
-        if (self.kernel is not None and group.get('fused') is True
-                and not param.is_cpu):
-            raise RuntimeError(
-                f'{type(self).__name__}(fused=True) runs on CPU parameters '
-                f'only (gc_mm has no {param.device.type} kernel yet); param '
-                f'group {index} has one on {param.device}. Use the default '
-                'path (fused=None), which runs on any device.')
+        if (self.kernel is None or group.get('fused') is not True
+                or param.is_cpu):
+            return
+        if param.is_cuda and self.cuda_kernel:
+            if kernels.triton_available():
+                return
+            why = 'its CUDA kernel needs triton, which is not installed'
+        else:
+            why = f'gc_mm has no {param.device.type} kernel yet'
+        devices = ('CPU parameters and, with triton, CUDA ones'
+                   if self.cuda_kernel else 'CPU parameters')
+        raise RuntimeError(
+            f'{type(self).__name__}(fused=True) runs on {devices} only '
+            f'({why}); param group {index} has one on {param.device}. Use '
+            'the default path (fused=None), which runs on any device.')
 
     def _check_sharding(self, group: dict, index: int) -> None:
         """Refuse, before anything moves, what GC cannot be exact on where

@@ -33,11 +33,10 @@ decay, GC, moments and update in one pass over memory) where it was
 compiled at install, or with ``fused=True``; the un-adapted first steps,
 half-precision tensors and ``fused=False`` take the plain path.
 
-After ``step()``, ``p.grad`` is as backward left it on the kernel, with
-``gc_loc='update'`` and for half-precision parameters (updated through a
-float32 copy, with float32 moments). On the plain path with
-``gc_loc='gradient'`` it holds what the moments were fed (``P(g + wd * w)``
-coupled, ``P(g)`` decoupled), centralized in place as in the authors' code.
+After ``step()``, ``p.grad`` is as backward left it, on every path (the
+authors' code centralized it in place; torch's optimizers never write it).
+Half-precision parameters are updated through a float32 copy, with float32
+moments.
 
 Example::
 
@@ -196,14 +195,14 @@ class RAdam_GC(GCOptimizer):
         state['step'] += 1
         step = state['step']
 
-        # With gc_loc='gradient' the decay and GC run in place (p.grad then
-        # holds what the moments are fed, as in the authors' code: no copy
-        # of the gradient); with 'update' backward's gradient stays as is.
+        # What the moments are fed, in a new tensor where it is not the
+        # gradient itself: p.grad stays what backward left, as in torch's
+        # optimizers.
         if weight_decay and not decoupled:
-            grad = (grad.add_(param, alpha=weight_decay)
-                    if group['gc_loc'] == 'gradient' else grad.add(
-                        param, alpha=weight_decay))
+            grad = grad.add(param, alpha=weight_decay)
         if on_gradient:
+            if grad is param.grad:
+                grad = grad.clone()
             centralize_group_([grad], group)
         if weight_decay and decoupled:
             param.mul_(1 - lr * weight_decay)

@@ -29,13 +29,12 @@ which give the same numbers to float rounding:
   per batch of tensors, not once per tensor (the default off the CPU);
 - :func:`_fused_sgd_gc` (``fused``): the C++ kernel of
   :mod:`gc_mm.kernels`, for CPU tensors (the default on CPU when it was
-  compiled at install).
+  compiled at install), and the Triton kernel for CUDA tensors
+  (``fused=True`` only).
 
 Momentum is :func:`_momentum` for both Python paths (the kernel has it in
-C++). After ``step()``, ``p.grad`` is what backward left there, except on
-the plain path for float32/float64 tensors, which (as the authors' code)
-computes the direction in the gradient: there ``p.grad`` holds
-``d = P(g + wd * w)`` (SGDW: ``P(g)``), the direction before momentum.
+C++). After ``step()``, ``p.grad`` is what backward left there, on every
+path (torch's optimizers never write it either).
 """
 from typing import Iterator, List, Optional, Tuple
 
@@ -80,8 +79,8 @@ def _momentum(params: List[Tensor], directions: List[Tensor],
         if buf is None:
             momentum_buffers[i] = torch.empty_like(
                 params[i], dtype=directions[i].dtype).copy_(directions[i])
-    # Nesterov's direction in a new tensor: the plain path's direction is
-    # the gradient, which then holds d alone, whatever the options.
+    # Nesterov's direction in a new tensor: the plain path's direction may
+    # be the gradient itself, which the step leaves as it is.
     if nesterov:
         return torch._foreach_add(directions, momentum_buffers,
                                   alpha=momentum)
@@ -97,20 +96,25 @@ def _single_tensor_sgd_gc(params: List[Tensor], grads: List[Tensor],
                           groups: int = 1) -> None:
     """The plain path: one tensor at a time, in the authors' order; any
     dtype, layout and size; ``out_dim`` and ``groups`` go to
-    :func:`centralize_` (transposed convs per output unit). The direction ``d`` is computed in place in the
-    gradient, as in the authors' code: a new tensor per gradient costs the
-    step a fresh allocation (page faults) per tensor, which made this path
-    measurably slower (docs/benchmark.md). Half-precision tensors are
-    updated in float32 copies (their momentum buffers are float32), so
-    their gradients are left as they are."""
+    :func:`centralize_` (transposed convs per output unit). The direction
+    ``d`` is a new tensor where it is not the gradient itself (decay or GC),
+    so the gradient is left as backward made it, as by torch's optimizers
+    (the authors' code wrote it in place: faster on CPU, where a new tensor
+    costs page faults, but a second step on the same gradient then compounds
+    the decay). Half-precision tensors are updated in float32 copies (their
+    momentum buffers are float32)."""
     coupled_decay = weight_decay and not decoupled_weight_decay
     for i, (param, grad) in enumerate(zip(params, grads)):
         half = param.dtype in HALF_DTYPES
         work, direction = ((param.float(), grad.float()) if half else
                            (param, grad))
+        # The direction in a new tensor where it differs from the gradient:
+        # p.grad stays what backward left, as in torch's optimizers.
         if coupled_decay:
-            direction.add_(work, alpha=weight_decay)
+            direction = direction.add(work, alpha=weight_decay)
         if is_centralized(param, gc_mode):
+            if direction is grad:
+                direction = grad.clone()
             centralize_([direction], out_dim=out_dim, groups=groups)
         buf = momentum_buffers[i:i + 1]
         if momentum:
@@ -194,20 +198,32 @@ def _fused_sgd_gc(params: List[Tensor], grads: List[Tensor],
                   gc_mode: Optional[str], lr: float, weight_decay: float,
                   momentum: float, dampening: float, nesterov: bool,
                   decoupled_weight_decay: bool) -> None:
-    """The C++ kernel (gc_mm/kernels/sgd.cpp), one call for all the
-    tensors (each checked before any moves), for CPU tensors
-    :func:`fast_path_takes`. The kernel writes a first step's buffer,
-    which enters ``momentum_buffers`` once the call returned."""
-    first_steps, bufs = [], list(momentum_buffers)
+    """The kernels, one call per device for all its tensors
+    (:func:`fast_path_takes`): CPU tensors the C++ kernel
+    (gc_mm/kernels/sgd.cpp, each tensor checked before any moves; called
+    first), CUDA tensors (``fused=True``) the Triton kernel
+    (gc_mm/kernels/triton_sgd.py). A kernel writes a first step's buffer,
+    which enters ``momentum_buffers`` once every call returned."""
+    first_steps, bufs, devices = [], list(momentum_buffers), {}
     for i, param in enumerate(params):
         first_steps.append(bool(momentum) and bufs[i] is None)
         if first_steps[-1]:
             bufs[i] = torch.empty_like(param)
-    sgd_steps(params, grads, bufs,
-              [is_centralized(param, gc_mode) for param in params],
-              first_steps, lr=lr, weight_decay=weight_decay,
-              decay='decoupled' if decoupled_weight_decay else 'inside_gc',
-              momentum=momentum, dampening=dampening, nesterov=nesterov)
+        devices.setdefault(param.device, []).append(i)
+    centralized = [is_centralized(param, gc_mode) for param in params]
+    for device in sorted(devices, key=lambda device: not device.type == 'cpu'):
+        index = devices[device]
+        args = [[tensors[i] for i in index] for tensors in (
+            params, grads, bufs, centralized, first_steps)]
+        options = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                       dampening=dampening, nesterov=nesterov)
+        if device.type == 'cpu':
+            sgd_steps(*args, decay='decoupled' if decoupled_weight_decay
+                      else 'inside_gc', **options)
+        else:
+            from ..kernels import triton_sgd  # imports triton
+            triton_sgd.sgd_steps(*args, decoupled=decoupled_weight_decay,
+                                 **options)
     momentum_buffers[:] = bufs
 
 
@@ -236,8 +252,11 @@ class _SGDBase(GCOptimizer):
             summed while the one before it is updated, then updated while
             in cache; rows split among threads). True: use it, compiling
             it on first use if it was not installed (then cached in
-            torch's extension directory); refused for parameters off the
-            CPU. Defaults to None.
+            torch's extension directory); for CUDA parameters, the Triton
+            kernel (gc_mm/kernels/triton_sgd.py: a row's sum and update in
+            one program, every tensor in one launch; needs triton, which
+            torch's CUDA wheels bring); refused for parameters elsewhere.
+            Defaults to None.
         foreach (bool | None): the multi-tensor path (the tensors of a
             group batched by device, dtype and row length, each op of the
             step run once per batch with torch's ``_foreach`` ops). Defaults
@@ -254,10 +273,8 @@ class _SGDBase(GCOptimizer):
     ``fused`` and ``foreach`` choose a path, not the maths: a checkpoint
     loaded into this optimizer keeps the values it was built with.
 
-    All paths give the same numbers to float rounding. The fused and
-    multi-tensor paths leave the gradients as backward left them; the plain
-    path leaves ``d = P(g + wd * w)`` (SGDW: ``P(g)``) in float32/float64
-    gradients and half-precision ones untouched. Parameters the fast paths
+    All paths give the same numbers to float rounding and leave the
+    gradients as backward left them. Parameters the fast paths
     cannot take (half precision, empty, or a gradient or buffer in another
     memory layout than the parameter) take the plain path on every setting.
     """
@@ -265,6 +282,7 @@ class _SGDBase(GCOptimizer):
     decoupled_weight_decay = False
     path_options = ('fused', 'foreach')
     kernel = 'sgd'
+    cuda_kernel = True
 
     def __init__(self,
                  params,
