@@ -95,5 +95,7 @@ setup(
         'pycocotools',
         'setuptools<82',  # pkg_resources, for mmengine's mmdet:: configs
     ],
-    extras_require={'tests': ['pytest', 'tensorboard']},
+    # deepspeed: tests/test_sharded.py runs ZeRO 0-2 on CPU with gloo (pure
+    # Python here: its ops build on first use, and none is used).
+    extras_require={'tests': ['pytest', 'tensorboard', 'deepspeed==0.19.8']},
 )

@@ -219,3 +219,62 @@ def test_fsdp1_flat_shards_are_refused_before_the_first_step(tmp_path):
             assert 'fully_shard' in outcome and 'DDP' in outcome, where
             assert '\n' not in outcome, where
             assert unchanged, where
+
+
+def _deepspeed_on_rank(rank, folder):
+    os.environ['DS_ACCELERATOR'] = 'cpu'
+    _init(rank, folder)
+    import deepspeed
+    from mmengine.registry import OPTIMIZERS
+    deepspeed.init_distributed(dist_backend='gloo')  # takes the group above
+    results = {}
+    for stage in (0, 1, 2):
+        for name in ('SGD_GC', 'Adam_GC'):
+            model = Net()
+            before = [p.detach().clone() for p in model.parameters()]
+            optimizer = OPTIMIZERS.build(
+                dict(CASES[name]['optimizer'], params=model.parameters()))
+            engine, *_ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=dict(
+                    train_micro_batch_size_per_gpu=2, gradient_clipping=0.,
+                    zero_optimization=dict(stage=stage),
+                    zero_allow_untested_optimizer=True))
+            try:
+                for step in range(STEPS):
+                    engine.backward(loss_of(
+                        engine, batch(step)[2 * rank:2 * rank + 2]))
+                    engine.step()
+                outcome = {n: p.detach().clone()
+                           for n, p in model.named_parameters()}
+            except ValueError as error:
+                outcome = str(error)
+            unchanged = all(torch.equal(p, b) for p, b in zip(
+                model.parameters(), before))
+            results[name, stage] = outcome, unchanged
+    torch.save(results, f'{folder}/rank{rank}.pth')
+    torch.distributed.destroy_process_group()
+
+
+def test_deepspeed_zero_1_2_refused_zero_0_exact(tmp_path):
+    """DeepSpeed on CPU with gloo: ZeRO stage 0 hands the optimizer the
+    weights (GC exact: the single-process run's weights); stages 1 and 2
+    swap each group's parameters for one flat partition after the
+    optimizer is built, refused at the first step before anything
+    moves."""
+    pytest.importorskip('deepspeed')
+    mp.spawn(_deepspeed_on_rank, args=(str(tmp_path), ), nprocs=2)
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f'rank{rank}.pth', weights_only=True)
+        for (name, stage), (outcome, unchanged) in results.items():
+            where = f'rank {rank}, {name}, ZeRO stage {stage}'
+            if stage == 0:
+                assert isinstance(outcome, dict), f'{where}: {outcome}'
+                for param, weight in reference(CASES[name]).items():
+                    torch.testing.assert_close(outcome[param], weight,
+                                               rtol=1e-5, atol=1e-6)
+                continue
+            assert isinstance(outcome, str), where
+            assert 'DeepSpeed ZeRO' in outcome, where
+            assert 'GC would silently do nothing' in outcome, where
+            assert 'stage 0' in outcome and 'fully_shard' in outcome, where
+            assert unchanged, where
