@@ -131,8 +131,34 @@ def _fsdp2_on_rank(rank, folder):
         results[name] = dict(
             weights={n: p.full_tensor() for n, p in model.named_parameters()},
             collectives=collectives, state_is_sharded=state_is_sharded)
+    results['rows_split'] = _rows_split_outcomes()
     torch.save(results, f'{folder}/rank{rank}.pth')
     torch.distributed.destroy_process_group()
+
+
+def _rows_split_outcomes():
+    """What a GC optimizer and a GC wrapper do with a weight whose rows
+    are split between the ranks (Shard(1), as tensor parallelism places
+    some), named through named_parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh('cpu', (2, ))
+    outcomes = []
+    for cfg in (CASES['SGD_GC'], CASES['GCOptimWrapper-SGD']):
+        model = nn.Linear(4, 3)
+        model.weight = nn.Parameter(
+            distribute_tensor(model.weight.detach(), mesh, [Shard(1)]))
+        model.bias = nn.Parameter(
+            distribute_tensor(model.bias.detach(), mesh, [Shard(0)]))
+        before = model.weight.full_tensor()
+        try:
+            wrapper = build_optim_wrapper(model, cfg)
+            wrapper.update_params(model(torch.ones(2, 4)).sum())
+            outcomes.append('trained')
+        except ValueError as error:
+            outcomes.append(str(error))
+        assert torch.equal(model.weight.full_tensor(), before)
+    return outcomes
 
 
 @pytest.fixture(scope='module')
@@ -278,3 +304,12 @@ def test_deepspeed_zero_1_2_refused_zero_0_exact(tmp_path):
             assert 'GC would silently do nothing' in outcome, where
             assert 'stage 0' in outcome and 'fully_shard' in outcome, where
             assert unchanged, where
+
+
+def test_rows_split_between_ranks_are_refused(fsdp2_runs):
+    """A weight placed Shard(1) (its rows split between the ranks): one
+    line naming its placement, before anything moves."""
+    for runs in fsdp2_runs:
+        for outcome in runs['rows_split']:
+            assert 'Shard(dim=1)' in outcome and 'splits its rows' in outcome
+            assert 'shape (3, 4)' in outcome and '\n' not in outcome
