@@ -73,6 +73,87 @@ def _check_multipliers_reach(wrapper, optimizer) -> None:
                 'which uses the inner optimizer\'s (or the default) value')
 
 
+def _registered(registry, type_name):
+    return (type_name if isinstance(type_name, type) else
+            registry.get(type_name) if isinstance(type_name, str) else None)
+
+
+def _applies_gc(wrapper: dict) -> bool:
+    """Whether an optim_wrapper config applies GC: a GC wrapper, or a GC
+    optimizer (Lookahead's inner one), with its GC on."""
+    from mmengine.registry import OPTIM_WRAPPERS, OPTIMIZERS
+
+    from .optim_wrapper import CentralizeGradsMixin
+    from .optimizers import GCOptimizer, Lookahead, Ranger
+    wrapper_type = _registered(OPTIM_WRAPPERS,
+                               wrapper.get('type', 'OptimWrapper'))
+    if (isinstance(wrapper_type, type)
+            and issubclass(wrapper_type, CentralizeGradsMixin)
+            and wrapper.get('gc_mode', 'conv_fc') is not None):
+        return True
+    optimizer = wrapper.get('optimizer') or {}
+    optimizer_type = _registered(OPTIMIZERS, optimizer.get('type'))
+    if optimizer_type is Ranger:
+        return optimizer.get('gc_mode', 'conv_fc') is not None
+    if (isinstance(optimizer_type, type)
+            and issubclass(optimizer_type, Lookahead)):
+        return _applies_gc(dict(optimizer=optimizer.get('optimizer') or {}))
+    return (isinstance(optimizer_type, type)
+            and issubclass(optimizer_type, GCOptimizer)
+            and optimizer.get('gc_mode', 'conv_fc') is not None)
+
+
+def _zero_stage(strategy: dict) -> int:
+    """The ZeRO stage a DeepSpeedStrategy config asks for (DeepSpeed's
+    default 0): its zero_optimization, else its config (a dict or a JSON
+    file)."""
+    config = strategy.get('config') or {}
+    if isinstance(config, str):
+        with open(config) as f:
+            config = json.load(f)
+    zero = strategy.get('zero_optimization') or config.get(
+        'zero_optimization') or {}
+    return int(zero.get('stage', 0))
+
+
+def check_strategy(cfg: Config) -> None:
+    """FlexibleRunner's strategies with GC: refuse, in one line, those that
+    hand the optimizer flat shards, where GC would silently do nothing
+    (gc_mm/sharding.py refuses them at the first step too, later)."""
+    strategy = cfg.get('strategy')
+    wrapper = cfg.get('optim_wrapper') or {}
+    if not isinstance(strategy, dict) or not _applies_gc(wrapper):
+        return
+    name = strategy.get('type')
+    name = getattr(name, '__name__', name)
+    if name == 'FSDPStrategy':
+        raise ConfigError(
+            'strategy=FSDPStrategy wraps the model with FSDP1 '
+            '(FullyShardedDataParallel, use_orig_params=True), which hands '
+            'the optimizer flat 1-D shards: GC would silently do nothing. '
+            'Train with the default Runner and DDP (tools/dist_train.sh), '
+            'or DeepSpeedStrategy with zero_optimization.stage=0; FSDP2 '
+            '(torch.distributed.fsdp.fully_shard) keeps GC exact outside '
+            "MMEngine's strategies.")
+    if name == 'DeepSpeedStrategy':
+        wrapper_type = wrapper.get('type', 'OptimWrapper')
+        if getattr(wrapper_type, '__name__',
+                   wrapper_type) != 'DeepSpeedOptimWrapper':
+            raise ConfigError(
+                f'strategy=DeepSpeedStrategy steps through optim_wrapper '
+                f"type 'DeepSpeedOptimWrapper', not {wrapper_type!r}: for "
+                'GC under DeepSpeed, put a GC optimizer (e.g. SGD_GC) in a '
+                'DeepSpeedOptimWrapper, with zero_optimization.stage=0.')
+        stage = _zero_stage(strategy)
+        if stage:
+            raise ConfigError(
+                f'strategy=DeepSpeedStrategy with ZeRO stage {stage} hands '
+                'the optimizer one flat partition per param group: GC would '
+                'silently do nothing. Set zero_optimization.stage=0 '
+                '(gradients all-reduced as DDP, GC exact), or train with '
+                'the default Runner and DDP.')
+
+
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
 
@@ -195,5 +276,7 @@ def check_before_run(cfg: Config, loaders=LOADERS) -> None:
     """All checks, in the order a run would hit the problems; the data of
     ``loaders`` only (tools/test.py needs no training data)."""
     check_optim_wrapper(cfg)
+    if 'train_dataloader' in loaders:  # a training run
+        check_strategy(cfg)
     check_data(cfg, loaders)
     check_checkpoint(cfg)

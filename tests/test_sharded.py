@@ -313,3 +313,66 @@ def test_rows_split_between_ranks_are_refused(fsdp2_runs):
         for outcome in runs['rows_split']:
             assert 'Shard(dim=1)' in outcome and 'splits its rows' in outcome
             assert 'shape (3, 4)' in outcome and '\n' not in outcome
+
+
+GC_WRAPPERS = [
+    dict(optimizer=dict(type='SGD_GC', lr=0.1)),
+    dict(optimizer=dict(type='Lookahead', optimizer=dict(type='Adam_GC'))),
+    dict(optimizer=dict(type='Ranger')),
+    dict(type='GCOptimWrapper', optimizer=dict(type='SGD', lr=0.1)),
+]
+NO_GC_WRAPPERS = [
+    dict(optimizer=dict(type='SGD', lr=0.1)),
+    dict(optimizer=dict(type='SGD_GC', lr=0.1, gc_mode=None)),
+    dict(type='GCOptimWrapper', gc_mode=None,
+         optimizer=dict(type='SGD', lr=0.1)),
+]
+
+
+@pytest.mark.parametrize('wrapper', GC_WRAPPERS)
+def test_flexible_runner_strategies_that_lose_gc_are_refused(
+        wrapper, tmp_path):
+    """FlexibleRunner's FSDPStrategy (FSDP1) and DeepSpeedStrategy with ZeRO
+    stages 1-3 or without DeepSpeedOptimWrapper: one line before the run;
+    DeepSpeed's ZeRO stage 0 with a GC optimizer runs."""
+    from mmengine.config import Config
+
+    from gc_mm.checks import ConfigError, check_strategy
+    ds_wrapper = dict(wrapper, type='DeepSpeedOptimWrapper')
+    (tmp_path / 'ds.json').write_text('{"zero_optimization": {"stage": 2}}')
+    refused = [
+        (dict(type='FSDPStrategy'), wrapper, 'FSDP1'),
+        (dict(type='DeepSpeedStrategy', zero_optimization=dict(stage=1)),
+         ds_wrapper, 'ZeRO stage 1'),
+        (dict(type='DeepSpeedStrategy', config=str(tmp_path / 'ds.json')),
+         ds_wrapper, 'ZeRO stage 2'),
+        (dict(type='DeepSpeedStrategy', zero_optimization=dict(stage=3)),
+         ds_wrapper, 'ZeRO stage 3'),
+    ]
+    if 'type' in wrapper:  # a GC wrapper, where DeepSpeed needs its own
+        refused = [refused[0], (dict(type='DeepSpeedStrategy'), wrapper,
+                                "not 'GCOptimWrapper'")]
+    for strategy, optim_wrapper, match in refused:
+        with pytest.raises(ConfigError, match=match) as error:
+            check_strategy(Config(dict(runner_type='FlexibleRunner',
+                                       strategy=strategy,
+                                       optim_wrapper=optim_wrapper)))
+        assert '\n' not in str(error.value)
+    if 'type' not in wrapper:
+        check_strategy(Config(dict(
+            runner_type='FlexibleRunner', optim_wrapper=ds_wrapper,
+            strategy=dict(type='DeepSpeedStrategy',
+                          zero_optimization=dict(stage=0)))))
+
+
+@pytest.mark.parametrize('wrapper', NO_GC_WRAPPERS)
+def test_flexible_runner_strategies_without_gc_pass(wrapper):
+    from mmengine.config import Config
+
+    from gc_mm.checks import check_strategy
+    for strategy in (dict(type='FSDPStrategy'),
+                     dict(type='DeepSpeedStrategy',
+                          zero_optimization=dict(stage=2))):
+        check_strategy(Config(dict(runner_type='FlexibleRunner',
+                                   strategy=strategy,
+                                   optim_wrapper=wrapper)))
