@@ -50,6 +50,7 @@ class _AdagradBase(GCOptimizer):
 
     path_options = ('fused', )
     kernel = 'adaptive'
+    supports_sparse = True
 
     def __init__(self,
                  params,
@@ -110,6 +111,9 @@ class _AdagradBase(GCOptimizer):
                        state: Dict[str, Tensor], group: dict) -> None:
         self._init_state(state, param, group)
         state['step'] += 1
+        if grad.is_sparse:  # GC off, no decay: checked before any moved
+            self._update_sparse(param, grad, state, group)
+            return
         # g' in a new tensor where it is not the gradient itself: p.grad
         # stays what backward left, as in torch's optimizers.
         if group['weight_decay']:
@@ -122,6 +126,21 @@ class _AdagradBase(GCOptimizer):
         state['sum'].addcmul_(grad, grad, value=1)
         std = state['sum'].sqrt().add_(group['eps'])
         param.addcdiv_(grad, std, value=-clr)
+
+    def _update_sparse(self, param: Tensor, grad: Tensor,
+                       state: Dict[str, Tensor], group: dict) -> None:
+        """torch's Adagrad step of a sparse gradient: the rows it has."""
+        grad = grad.coalesce()
+        indices, values = grad._indices(), grad._values()
+
+        def like_grad(values: Tensor) -> Tensor:
+            return torch.sparse_coo_tensor(indices, values, grad.shape)
+
+        state['sum'].add_(like_grad(values.pow(2)))
+        std = state['sum'].sparse_mask(grad)._values().sqrt_().add_(
+            group['eps'])
+        param.add_(like_grad(values / std),
+                   alpha=-self._clr(state['step'], group))
 
 
 @OPTIMIZERS.register_module()

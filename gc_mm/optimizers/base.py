@@ -95,6 +95,11 @@ class GCOptimizer(Optimizer):
     """
 
     default_gc_mode = 'conv_fc'
+    # Whether the family updates sparse gradients (where GC is off), and
+    # whether its weight decay is added to the gradient (then not to a
+    # sparse one): see _check_sparse.
+    supports_sparse = False
+    coupled_decay = True
     # Group keys that choose a code path, not the maths; on load the
     # running optimizer's values win over the checkpoint's.
     path_options: tuple = ()
@@ -259,7 +264,9 @@ class GCOptimizer(Optimizer):
         (float32 for a half-precision parameter, so a resume is exact);
         ``value`` itself where it already is."""
         dtype = torch.float32 if param.dtype in HALF_DTYPES else param.dtype
-        if value.shape != param.shape:  # not one entry per weight: as torch
+        # not one entry per weight, or sparse (SGD's momentum of a sparse
+        # gradient, as torch's): as torch
+        if value.shape != param.shape or value.layout != torch.strided:
             return value.to(device=param.device, dtype=dtype)
         same_kind = value.dtype == dtype and value.device == param.device
         if same_kind and value.stride() == param.stride():
@@ -276,10 +283,7 @@ class GCOptimizer(Optimizer):
         """Raise if this step cannot update ``param`` (a parameter's dtype
         may have changed since it was added, e.g. by ``module.to``)."""
         if param.grad.is_sparse:
-            raise RuntimeError(
-                f'{type(self).__name__} got a sparse gradient (param group '
-                f'{index}, shape {tuple(param.shape)}): GC is undefined for '
-                'sparse gradients')
+            self._check_sparse(param, group, index)
         self._check_dtype(param, index)
         self._check_device(param, group, index)
         if self.kernel is not None and group.get('fused'):
@@ -289,6 +293,33 @@ class GCOptimizer(Optimizer):
             except RuntimeError as error:
                 raise RuntimeError(f'{type(self).__name__} fused (C++ '
                                    f'kernel) path: {error}') from error
+
+    def _check_sparse(self, param: Tensor, group: dict, index: int) -> None:
+        """Raise unless this family updates ``param``'s sparse gradient as
+        torch's counterpart does: the SGD and Adagrad families (as
+        torch.optim.SGD and Adagrad), where GC is off for ``param`` and
+        without coupled decay (torch cannot add it to a sparse gradient)."""
+        where = (f'(param group {index}, shape {tuple(param.shape)})')
+        name = type(self).__name__
+        if not self.supports_sparse:
+            raise RuntimeError(
+                f'{name} does not support sparse gradients {where}, as '
+                "torch's Adam and RAdam do not: of gc_mm's optimizers the "
+                'SGD and Adagrad families take them, as torch.optim.SGD and '
+                'Adagrad do')
+        if is_centralized(param, group['gc_mode']):
+            raise RuntimeError(
+                f'{name} cannot centralize a sparse gradient {where}: GC '
+                "subtracts each row's mean, which needs every entry of the "
+                'row. Exclude the parameter from GC (e.g. an '
+                'nn.Embedding(sparse=True)): paramwise_cfg.gc.exclude, or '
+                'its own param group with gc_mode=None')
+        if group['weight_decay'] and self.coupled_decay:
+            raise RuntimeError(
+                f'{name} cannot add weight_decay to a sparse gradient '
+                f"{where}, as torch's SGD and Adagrad cannot: set "
+                "weight_decay=0 for the parameter's group (or decay it "
+                'decoupled, SGDW_*)')
 
     def _params_with_grad(self, group: dict) -> List[Tensor]:
         return [p for p in group['params'] if p.grad is not None]
@@ -331,6 +362,7 @@ class GCOptimizer(Optimizer):
         for param in params:
             # Half precision keeps float32 state: the plain path.
             takes = (param.dtype in KERNEL_DTYPES and param.is_cpu
+                     and not param.grad.is_sparse
                      and self._kernel_takes(param, group))
             (on_kernel if takes else others).append(param)
         return on_kernel, others

@@ -41,6 +41,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from mmengine.registry import OPTIMIZERS
 from torch import Tensor
+from torch.optim.sgd import sgd as torch_sgd
 
 from .. import kernels
 from ..centralize import centralize_, is_centralized
@@ -282,6 +283,11 @@ class _SGDBase(GCOptimizer):
     decoupled_weight_decay = False
     path_options = ('fused', 'foreach')
     kernel = 'sgd'
+    supports_sparse = True
+
+    @property
+    def coupled_decay(self) -> bool:
+        return not self.decoupled_weight_decay
     cuda_kernel = True
 
     def __init__(self,
@@ -356,7 +362,11 @@ class _SGDBase(GCOptimizer):
         by_device = {on_cpu: self.path(group, on_cpu) if rows_along_dim0
                      else 'plain' for on_cpu in (True, False)}
         routed = {path: ([], [], []) for path in _PATHS}
+        sparse = []
         for param in params:
+            if param.grad.is_sparse:
+                sparse.append(param)
+                continue
             buf = None
             if momentum:
                 state = self.state[param]
@@ -376,6 +386,8 @@ class _SGDBase(GCOptimizer):
             path_params.append(param)
             grads.append(grad)
             bufs.append(buf)
+        if sparse:
+            self._update_sparse(group, sparse)
         options = dict(
             gc_mode=group['gc_mode'],
             lr=group['lr'],
@@ -402,6 +414,24 @@ class _SGDBase(GCOptimizer):
                     for param, buf in zip(path_params, bufs):
                         if buf is not None:
                             self.state[param]['momentum_buffer'] = buf
+
+    def _update_sparse(self, group: dict, params: List[Tensor]) -> None:
+        """torch's SGD step of sparse gradients (GC off for them and no
+        coupled decay: checked before anything moved), its momentum buffer
+        sparse as torch's; SGDW's decay first, on the dense weights."""
+        lr, weight_decay = group['lr'], group['weight_decay']
+        if weight_decay and self.decoupled_weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        momentum = group['momentum']
+        bufs = [self.state[param].get('momentum_buffer') if momentum
+                else None for param in params]
+        torch_sgd(params, [param.grad for param in params], bufs,
+                  has_sparse_grad=True, foreach=False, weight_decay=0.,
+                  momentum=momentum, lr=lr, dampening=group['dampening'],
+                  nesterov=group['nesterov'], maximize=False)
+        if momentum:
+            for param, buf in zip(params, bufs):
+                self.state[param]['momentum_buffer'] = buf
 
 
 @OPTIMIZERS.register_module()
