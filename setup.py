@@ -58,7 +58,16 @@ def kernel_extensions():
                           'installing gc_mm without them.')
                 self.extensions = []  # nothing to copy or install
 
+        def copy_file(self, infile, outfile, *args, **kwargs):
+            """Copy a built kernel into gc_mm/kernels (``pip install -e``)
+            through a temporary file renamed into place: a copy killed
+            midway left a truncated library under the name Python imports,
+            which crashes the interpreter (bus error) when loaded."""
+            atomic_copy(infile, outfile)
+            return outfile, 1
+
     flags = run_module('kernels', 'flags.py')
+    atomic_copy = run_module('atomic.py')['atomic_copy']
     extensions = [
         CppExtension('gc_mm.kernels._' + flags['module_name'](name),
                      [f'gc_mm/kernels/{name}.cpp'],
