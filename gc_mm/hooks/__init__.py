@@ -14,9 +14,13 @@
   fine-tuning (RIFLE).
 - :class:`SlowWeightsHook` validates, tests and saves the slow weights of a
   Lookahead optimizer (Lookahead, Ranger).
+- :class:`PreemptionHook` saves an iteration checkpoint and stops when
+  Slurm signals a preemption or the time limit (SIGUSR1, SIGTERM), for the
+  requeued job to resume from.
 """
 from .checkpoint_check_hook import CheckpointCheckHook
 from .grad_stats_hook import GradStatsHook
+from .preemption_hook import EXIT_PREEMPTED, PreemptionHook
 from .random_state_hook import RandomStateHook
 from .rifle_hook import (RIFLE_DEFAULT_LAYERS, RIFLEHook, _initializer,
                          _reinitialize)
@@ -25,5 +29,6 @@ from .utils import compile_layers
 
 __all__ = [
     'RandomStateHook', 'CheckpointCheckHook', 'GradStatsHook', 'RIFLEHook',
-    'SlowWeightsHook', 'RIFLE_DEFAULT_LAYERS', 'compile_layers'
+    'SlowWeightsHook', 'RIFLE_DEFAULT_LAYERS', 'compile_layers',
+    'PreemptionHook', 'EXIT_PREEMPTED'
 ]
