@@ -25,6 +25,12 @@ slow weights are the ``'slow_weight'`` entry of that state; a parameter
 without one gets fresh slow weights, its current weights, at its next
 step). Slow weights of half-precision parameters are kept in float32.
 
+torch's hooks work on it as on any torch optimizer: ``state_dict`` is
+torch's ``Optimizer.state_dict`` (its pre and post hooks run),
+``load_state_dict`` runs the load hooks registered on it around the inner
+optimizer's load, and one Lookahead step fires the step hooks (global and
+its own) once: the inner step runs without torch's hook wrapper.
+
 Validation, testing and checkpoints use the slow weights through
 :class:`gc_mm.hooks.SlowWeightsHook`.
 
