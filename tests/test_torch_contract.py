@@ -622,7 +622,7 @@ def test_fused_matches_forloop(info, dtype):
 
 
 @optims()
-@pytest.mark.parametrize('default_dtype', [torch.float64])
+@pytest.mark.parametrize('default_dtype', [torch.float64, torch.float16])
 def test_set_default_dtype_works(info, default_dtype):
     """torch: test_set_default_dtype_works_with_foreach (CUDA there): the
     implementations agree whatever the default dtype, and the step count
