@@ -258,3 +258,65 @@ def test_slurm_scripts_ask_for_gpus_per_node(slurm, tmp_path, script):
             f'task {rank} of 2 gpus=2 per_node=2 cpus=1 args: [-u] ')
         assert '[a config.py]' in line and '[--launcher=slurm]' in line
         assert line.endswith('[--cfg-options] [x=1 2]')
+
+
+FAKE_TRAIN = """#!/usr/bin/env bash
+# Stands in for python tools/train.py: 30 steps of 0.2 s; at SIGUSR1 it
+# saves its step and exits 75 (as PreemptionHook does); with --resume it
+# goes on from the saved step.
+step=0
+if [[ " $* " == *" --resume "* ]]; then
+    step=$(cat "$FAKE_WORK/saved")
+    echo "resumed at $step" >> "$FAKE_WORK/log"
+else
+    echo "started" >> "$FAKE_WORK/log"
+fi
+stopped=0
+trap 'stopped=1' USR1
+while [ "$step" -lt 30 ]; do
+    sleep 0.2
+    step=$((step + 1))
+    if [ "$stopped" = 1 ]; then
+        echo "$step" > "$FAKE_WORK/saved"
+        echo "stopped at $step" >> "$FAKE_WORK/log"
+        exit 75
+    fi
+done
+echo "done at $step" >> "$FAKE_WORK/log"
+"""
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_slurm_train_passes_the_signal_on_requeues_and_resumes(
+        slurm, tmp_path):
+    """Submitted with sbatch --requeue, slurm_train.sh takes the batch
+    shell's SIGUSR1 (what --signal=B:USR1@120 sends; here scancel sends it
+    mid-run), passes it to the task, which saves and exits 75, requeues the
+    job, and the requeued job's task resumes (--resume) and finishes."""
+    fake = tmp_path / 'fake_python'
+    fake.write_text(FAKE_TRAIN)
+    fake.chmod(0o755)
+    log = tmp_path / 'log'
+    env = dict(os.environ, **slurm, GPUS='1', GPUS_PER_NODE='0',
+               CPUS_PER_TASK='1', PYTHON=str(fake), FAKE_WORK=str(tmp_path))
+    job = subprocess.run(
+        ['sbatch', '--parsable', '--requeue', '-p', PARTITION, '-n', '1',
+         '-c', '1', '--open-mode=append', f'--output={tmp_path}/job.out',
+         SLURM_TRAIN, PARTITION, 'gc_mm_preempted', 'a config.py',
+         str(tmp_path / 'work')],
+        env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
+        timeout=60).stdout.strip().split(';')[0]
+    assert _wait_for(lambda: _lines(log) == ['started'], 60), _tail(
+        tmp_path / 'job.out')
+    time.sleep(1)  # mid-run
+    subprocess.run(['scancel', '--signal=USR1', '--batch', job], env=env,
+                   check=True, timeout=30)
+    assert _wait_for(lambda: _lines(log)[-1:] == ['done at 30'], 240), (
+        _lines(log), _tail(tmp_path / 'job.out'))
+    started, stopped, resumed, done = _lines(log)
+    step = int(stopped.split()[-1])
+    assert 0 < step < 30 and resumed == f'resumed at {step}'
+    assert 'requeueing job' in (tmp_path / 'job.out').read_text()

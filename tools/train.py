@@ -115,6 +115,11 @@ def build_config(args) -> Config:
     hooks = list(cfg.get('custom_hooks', []))
     if not any(hook.get('type') == 'RandomStateHook' for hook in hooks):
         cfg.custom_hooks = hooks + [dict(type='RandomStateHook')]
+    # Slurm's signal before preemption or the time limit (SIGUSR1, SIGTERM)
+    # stops the run with an iteration checkpoint to resume from.
+    if not any(hook.get('type') == 'PreemptionHook'
+               for hook in cfg.custom_hooks):
+        cfg.custom_hooks.append(dict(type='PreemptionHook'))
     # Lookahead (Ranger) is validated, tested and saved with its slow weights
     # unless the config has its own SlowWeightsHook (e.g. val=False).
     if (uses_lookahead(cfg.get('optim_wrapper', {}).get('optimizer'))
