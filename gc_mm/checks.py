@@ -1,9 +1,12 @@
 """Checks run by tools/train.py and tools/test.py before anything starts, so
 bad input fails in seconds with one message naming the culprit."""
 import difflib
+import io
 import json
 import os
 import os.path as osp
+import pickletools
+import re
 import zipfile
 from typing import Optional
 
@@ -16,6 +19,10 @@ REMOTE_PREFIXES = ('http://', 'https://', 'torchvision://', 'modelzoo://',
 # Larger annotation files are left to the dataset itself (COCO train2017 is
 # 450 MB); a demo or fine-tuning set is far smaller.
 MAX_JSON_CHECK_BYTES = 64 * 2**20
+# A global torch's weights_only unpickler refused, in its error: 'Unsupported
+# global: GLOBAL argparse.Namespace was not ...' (torch >= 2.4), 'Unsupported
+# class argparse.Namespace' (earlier).
+_REFUSED_GLOBAL = re.compile(r'(?:GLOBAL|Unsupported class) ([\w.]+)')
 
 
 class ConfigError(ValueError):
@@ -167,21 +174,45 @@ def _datasets(cfg: Config, loaders):
             yield loader, dataset
 
 
+def _is_local(path: str, backend_args: Optional[dict], where: str) -> bool:
+    """Whether mmengine reads ``path`` with ``backend_args`` from this
+    machine's files, the only ones a check can look at: other storage
+    (``s3://`` through petrel, ``http://``, a ``path_mapping`` of
+    ``backend_args``) is read by its backend during the run. A backend that
+    cannot be built (petrel_client not installed) is named here."""
+    from mmengine.fileio import LocalBackend, get_file_backend
+    try:
+        backend = get_file_backend(path, backend_args=backend_args)
+    except Exception as error:  # ImportError, KeyError: unknown prefix
+        raise ConfigError(
+            f'{where}={path!r}: no storage backend for it (backend_args='
+            f'{backend_args!r}): {type(error).__name__}: {error}') from None
+    return isinstance(backend, LocalBackend)
+
+
 def check_data(cfg: Config, loaders=LOADERS) -> None:
-    """Check the data of ``loaders`` (the dataloaders a tool will use)."""
+    """Check the data of ``loaders`` (the dataloaders a tool will use), where
+    it is local."""
+    from mmengine.utils import is_abs
     for loader, dataset in _datasets(cfg, loaders):
         if dataset.get('type') == 'ShapesDataset':
             continue  # generated on first use
+        backend_args = dataset.get('backend_args')
         data_root = dataset.get('data_root') or ''
-        if data_root and not osp.isdir(data_root):
+        where = f'{loader}.dataset.data_root'
+        if (data_root and _is_local(data_root, backend_args, where)
+                and not osp.isdir(data_root)):
             raise ConfigError(
-                f'{loader}.dataset.data_root={data_root!r} does not exist '
-                f'(working directory {os.getcwd()!r}).')
+                f'{where}={data_root!r} does not exist (working directory '
+                f'{os.getcwd()!r}).')
         ann_file = dataset.get('ann_file')
         if not ann_file:
             continue
-        path = ann_file if osp.isabs(ann_file) else osp.join(data_root,
-                                                            ann_file)
+        # Joined as mmengine's BaseDataset joins them.
+        path = ann_file if is_abs(ann_file) else osp.join(data_root,
+                                                          ann_file)
+        if not _is_local(path, backend_args, f'{loader}.dataset.ann_file'):
+            continue
         if not osp.isfile(path):
             raise ConfigError(f'{loader}.dataset.ann_file: {path!r} does not '
                               'exist.')
@@ -201,30 +232,89 @@ def check_data(cfg: Config, loaders=LOADERS) -> None:
                     f'annotation file (no {sorted(missing)}).')
 
 
+def _first_line(error: Exception) -> str:
+    """The gist of a torch.load error (torch's weights_only errors are
+    paragraphs; the unpickler's own words follow 'WeightsUnpickler error')."""
+    message = str(error).split('WeightsUnpickler error: ')[-1].strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
+def _weights_only_load(path: str, what: str, **kwargs) -> None:
+    """torch.load(weights_only=True) as the check: a refused global is named
+    (torch < 2.6 has no get_unsafe_globals_in_checkpoint; its unpickler says
+    'Unsupported class X', later ones 'GLOBAL X was not an allowed global')."""
+    try:
+        torch.load(path, map_location='cpu', weights_only=True, **kwargs)
+    except Exception as error:  # torch raises several types here
+        refused = _REFUSED_GLOBAL.search(str(error))
+        if refused:
+            # A builtin is named without its module ('getattr'), or with
+            # Python 2's (torch < 2.4 on protocol 2 pickles).
+            name = refused.group(1).replace('__builtin__.', 'builtins.')
+            name = name if '.' in name else f'builtins.{name}'
+            raise ConfigError(_unsafe_message(path, what, [name])) from None
+        raise ConfigError(f'{what}: {path!r} is not a readable PyTorch '
+                          f'checkpoint (truncated?): {_first_line(error)}'
+                          ) from None
+
+
+def _unsafe_message(path: str, what: str, unsafe) -> str:
+    return (f'{what}: {path!r} cannot be loaded with weights_only=True: it '
+            f'pickles {", ".join(sorted(unsafe))} (foreign content, or a '
+            'checkpoint written by mmengine without gc_mm imported).')
+
+
+def _is_legacy_checkpoint(path: str) -> bool:
+    """Whether ``path`` is in torch's legacy (non-zip) format, complete up to
+    its tensor data: five pickles (magic number, protocol, system info, the
+    object, its storage keys), read as opcodes (pickletools executes
+    nothing) and ending in the tensor data torch.load reads after them."""
+    try:
+        with open(path, 'rb') as f:
+            head = io.BytesIO(f.read(32))  # the magic number takes 15
+            first = [arg for _, arg, _ in pickletools.genops(head)]
+            if first[-2:] != [torch.serialization.MAGIC_NUMBER, None]:
+                return False
+            f.seek(head.tell())
+            for _ in range(4):
+                for _ in pickletools.genops(f):
+                    pass
+    except ValueError:  # not a pickle, or one cut short
+        return False
+    return True
+
+
 def check_checkpoint_file(path: str, what: str) -> None:
-    """Check a local checkpoint without loading it: it exists, is a complete
-    torch.save archive, and its pickle names only types that
-    ``weights_only=True`` allows (read statically from its data.pkl, no
-    tensor data is read). The runner then loads it once."""
+    """Check a local checkpoint: it exists, is a complete torch.save file,
+    and its pickle names only types that ``weights_only=True`` allows. The
+    zip format (torch >= 1.6) is checked without reading tensor data (its
+    data.pkl read statically, or on torch < 2.6 memory-mapped); the legacy
+    format (older model zoos) is loaded once here (such files are small).
+    The runner then loads it once."""
     if not osp.isfile(path):
         raise ConfigError(f'{what}: checkpoint {path!r} does not exist.')
     if osp.getsize(path) == 0:
         raise ConfigError(f'{what}: checkpoint {path!r} is empty.')
-    # A truncated file has lost the archive's directory, at its end.
+    # A truncated zip file has lost the archive's directory, at its end.
     if not zipfile.is_zipfile(path):
-        raise ConfigError(
-            f'{what}: {path!r} is not a PyTorch checkpoint (truncated, or '
-            'another kind of file).')
+        if not _is_legacy_checkpoint(path):
+            raise ConfigError(
+                f'{what}: {path!r} is not a PyTorch checkpoint (truncated, '
+                'or another kind of file).')
+        _weights_only_load(path, what)
+        return
+    unsafe_globals = getattr(torch.serialization,
+                             'get_unsafe_globals_in_checkpoint', None)
+    if unsafe_globals is None:  # torch < 2.6
+        _weights_only_load(path, what, mmap=True)
+        return
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        unsafe = unsafe_globals(path)
     except Exception as error:  # torch raises several types here
         raise ConfigError(f'{what}: {path!r} is not a readable PyTorch '
                           f'checkpoint (truncated?): {error}') from None
     if unsafe:
-        raise ConfigError(
-            f'{what}: {path!r} cannot be loaded with weights_only=True: it '
-            f'pickles {", ".join(sorted(unsafe))} (foreign content, or a '
-            'checkpoint written by mmengine without gc_mm imported).')
+        raise ConfigError(_unsafe_message(path, what, unsafe))
 
 
 def check_loaded_checkpoint(checkpoint, path: str, resume: bool) -> None:
@@ -247,12 +337,59 @@ def check_loaded_checkpoint(checkpoint, path: str, resume: bool) -> None:
             raise ConfigError(f'load_from: {path!r} holds no model weights.')
 
 
-def _latest_checkpoint(work_dir: str) -> Optional[str]:
+CHECKPOINT_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
+
+
+def _complete_checkpoints(folder: str) -> list:
+    """The complete ``epoch_N.pth`` / ``iter_N.pth`` of ``folder``, newest
+    first (a truncated file has lost its archive's directory, at its
+    end)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    paths = [osp.join(folder, name) for name in names
+             if CHECKPOINT_NAME.match(name)]
+    paths = [path for path in paths if zipfile.is_zipfile(path)]
+    return sorted(paths, key=osp.getmtime, reverse=True)
+
+
+def resume_checkpoint(work_dir: str) -> tuple:
+    """(checkpoint, note) of ``--resume`` without a path: the one
+    ``work_dir/last_checkpoint`` names; where that file is empty, missing
+    beside checkpoints, or names a checkpoint that is gone or incomplete (a
+    run killed while writing it), the newest complete checkpoint of the
+    folder, with a note saying so. (None, None) for a fresh work_dir."""
     marker = osp.join(work_dir, 'last_checkpoint')
-    if not osp.isfile(marker):
-        return None
-    with open(marker) as f:
-        return f.read().strip() or None
+    named = ''
+    if osp.isfile(marker):
+        with open(marker, errors='replace') as f:
+            named = f.read().strip()
+    if named.startswith(REMOTE_PREFIXES) or (osp.isfile(named)
+                                             and zipfile.is_zipfile(named)):
+        return named, None
+    if not named:
+        problem = (f'{marker} is empty' if osp.isfile(marker) else
+                   f'{marker} does not exist')
+    else:
+        problem = (f'{marker} names {named!r}, which is ' +
+                   ('incomplete' if osp.isfile(named) else 'gone'))
+    folders = [work_dir] + ([osp.dirname(named)] if named else [])
+    found = sorted({path for folder in folders
+                    for path in _complete_checkpoints(folder)},
+                   key=osp.getmtime, reverse=True)
+    if found:
+        return found[0], (f'{problem} (an interrupted run?); resuming from '
+                          f'the newest complete checkpoint, {found[0]}')
+    if named or osp.isfile(marker):
+        raise ConfigError(f'--resume: {problem} and {work_dir!r} holds no '
+                          f'complete checkpoint; remove {marker} to start '
+                          'afresh.')
+    return None, None
+
+
+def _latest_checkpoint(work_dir: str) -> Optional[str]:
+    return resume_checkpoint(work_dir)[0]
 
 
 def checkpoint_path(cfg: Config) -> Optional[str]:
@@ -264,9 +401,17 @@ def checkpoint_path(cfg: Config) -> Optional[str]:
     return path
 
 
+def is_local_checkpoint(path: str) -> bool:
+    """Whether mmengine's CheckpointLoader reads ``path`` from this machine's
+    files: it reads every ``scheme://`` path ('https://', 'open-mmlab://',
+    's3://', 'cluster:s3://') through another loader, as mmengine's fileio
+    does; those are left to it."""
+    return '://' not in path
+
+
 def check_checkpoint(cfg: Config) -> None:
     path = checkpoint_path(cfg)
-    if not path or path.startswith(REMOTE_PREFIXES):
+    if not path or not is_local_checkpoint(path):
         return
     check_checkpoint_file(path, '--resume' if cfg.get('resume') else
                           'load_from')
