@@ -131,3 +131,20 @@ def test_only_the_pkg_resources_deprecation_is_silenced():
         warnings.warn('pkg_resources is deprecated', DeprecationWarning)
     assert [str(w.message) for w in caught] == [
         'another warning', 'pkg_resources is deprecated']
+
+
+def test_mmcv_nms_runs_in_float32_under_cpu_autocast():
+    """mmcv's CPU NMS takes float32 only; under CPU autocast its bfloat16
+    inputs go in as float32 (without torch.amp.custom_fwd, which torch < 2.4
+    does not have), outside autocast nothing changes."""
+    ops = pytest.importorskip('mmcv.ops')
+    from gc_mm.compat import enable_cpu_autocast_for_mmcv_ops
+    boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.],
+                          [20., 20., 30., 30.]]).bfloat16()
+    scores = torch.tensor([0.9, 0.8, 0.7]).bfloat16()
+    enable_cpu_autocast_for_mmcv_ops()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, keep = ops.nms(boxes, scores, 0.5)
+    assert keep.tolist() == [0, 2]
+    with pytest.raises(RuntimeError, match='Float'):
+        ops.nms(boxes, scores, 0.5)  # autocast off: mmcv's own check
