@@ -66,15 +66,30 @@ def test_unknown_config_is_refused_naming_it():
     assert '+ ' not in proc.stdout  # refused before printing any command
 
 
+def test_relative_work_root_is_the_callers(tmp_path):
+    """--work-root relative to where the tool is run from, not to the
+    repository where its jobs run: every path it prints is absolute."""
+    caller = tmp_path / 'elsewhere'
+    caller.mkdir()
+    proc = run_tool([osp.join(REPO, 'tools/reproduce_paper.py'), '--dry-run',
+                     '--configs', 'mask_rcnn_r50', '--work-root', 'runs'],
+                    cwd=caller)
+    root = caller / 'runs'
+    assert (f'--work-dir {root}/mask_rcnn_r50_s0 --resume' in proc.stdout)
+    assert f' @{root}/mask_rcnn_r50_gc_s0/last_checkpoint 8 ' in proc.stdout
+    assert f'--csv {root}/gc_table.csv' in proc.stdout
+
+
 def test_runs_the_demo_pair_and_tabulates_it(tmp_path):
     """A real run, the demo pair on CPU (one process per job, a few
     images, one epoch): both runs trained, tested from their own last
-    checkpoint, and counted in the table."""
+    checkpoint, and counted in the table. Run from outside the repository
+    with a relative --work-root (the jobs run in the repository)."""
     from test_tools import DEMO_SMALL
     root = tmp_path / 'runs'
     proc = run_tool(
-        ['tools/reproduce_paper.py', '--config-dir', 'configs/demo',
-         '--gpus', '1', '--seeds', '7', '--work-root', str(root),
+        [osp.join(REPO, 'tools/reproduce_paper.py'), '--config-dir',
+         'configs/demo', '--gpus', '1', '--seeds', '7', '--work-root', 'runs',
          '--cfg-options', *DEMO_SMALL,
          f'train_dataloader.dataset.data_root={tmp_path}/shapes/',
          f'val_dataloader.dataset.data_root={tmp_path}/shapes/',
@@ -82,7 +97,7 @@ def test_runs_the_demo_pair_and_tabulates_it(tmp_path):
          f'val_evaluator.ann_file={tmp_path}/shapes/val/annotation_coco.json',
          f'test_evaluator.ann_file={tmp_path}/shapes/val/annotation_coco.json'
          ],
-        cwd=REPO, env=dict(PORT='29611'))
+        cwd=tmp_path, env=dict(PORT='29611'))
     for config in ('mask_rcnn_r18_fpn_shapes', 'mask_rcnn_r18_fpn_gc_shapes'):
         work_dir = root / f'{config}_s7'
         checkpoint = (work_dir / 'last_checkpoint').read_text().strip()

@@ -105,7 +105,8 @@ def parse_args(argv=None):
     parser.add_argument('--gpus', type=int, default=8,
                         help='GPUs (processes) per job (default: 8)')
     parser.add_argument('--work-root', default='work_dirs/paper',
-                        help='where the work_dirs go')
+                        help='where the work_dirs go (relative to the '
+                        'working directory; default: work_dirs/paper)')
     parser.add_argument('--slurm', metavar='PARTITION',
                         help='run on Slurm (tools/slurm_*.sh, GPUS=--gpus)')
     parser.add_argument('--dry-run', action='store_true',
@@ -133,8 +134,11 @@ def main(argv=None) -> int:
     if args.slurm:
         env['GPUS'] = str(args.gpus)
     pairs = {baseline: known[baseline] for baseline in baselines}
+    # The jobs run in the repository; this process reads what they write
+    # (each run's last_checkpoint): one absolute path serves both.
+    work_root = osp.abspath(args.work_root)
     for command in commands(pairs, args.seeds, args.gpus,
-                            args.work_root, args.slurm, config_dir,
+                            work_root, args.slurm, config_dir,
                             args.cfg_options):
         print('+ ' + ' '.join(map(shlex.quote, command)), flush=True)
         if not args.dry_run:
