@@ -164,6 +164,18 @@ def demo_dumping_state(out_dir):
 TEST_HOOK_ENV = dict(PYTHONPATH=osp.join(REPO, 'tests'))
 
 
+def assert_same_epoch_2(straight, resumed):
+    """Both runs' epoch_2.pth (iteration 4) hold the same model, bit for
+    bit; returns the straight run's."""
+    a = checkpoint(osp.join(straight, 'epoch_2.pth'))
+    b = checkpoint(osp.join(resumed, 'epoch_2.pth'))
+    assert a['meta']['iter'] == b['meta']['iter'] == 4
+    for key, value in a['state_dict'].items():
+        torch.testing.assert_close(b['state_dict'][key], value, rtol=0,
+                                   atol=0, msg=key)
+    return a
+
+
 def test_resume_continues_at_the_right_iteration_with_identical_state(
         demo_run, tmp_path):
     """--resume from epoch_1.pth starts from exactly its model and optimizer
@@ -198,14 +210,32 @@ def test_resume_continues_at_the_right_iteration_with_identical_state(
                                    state['momentum_buffer'], rtol=0, atol=0)
     # Random states are checkpointed too: the resumed run ends bit-equal to
     # the uninterrupted one.
-    a = checkpoint(osp.join(straight, 'epoch_2.pth'))
-    b = checkpoint(osp.join(resumed, 'epoch_2.pth'))
-    assert a['meta']['iter'] == b['meta']['iter'] == 4
-    for key, value in a['state_dict'].items():
-        torch.testing.assert_close(b['state_dict'][key], value, rtol=0,
-                                   atol=0, msg=key)
+    a = assert_same_epoch_2(straight, resumed)
     assert not torch.equal(a['state_dict']['backbone.conv1.weight'],
                            saved['state_dict']['backbone.conv1.weight'])
+
+
+def test_resume_validating_every_epoch_with_persistent_workers_is_bit_equal(
+        demo_run, tmp_path):
+    """As the paper configs run: validation after every epoch, two
+    persistent workers per loader and the random flip on. Resumed from
+    epoch_1.pth (saved before that epoch's validation, which the resumed
+    run skips), the run ends bit-equal to the uninterrupted one."""
+    cwd, _, _ = demo_run
+    options = [o.replace('max_epochs=1', 'max_epochs=2') for o in DEMO_SMALL
+               if 'pipeline.3.prob' not in o] + [
+        'default_hooks.checkpoint.interval=1', 'train_cfg.val_interval=1',
+        *[f'{loader}_dataloader.{key}' for loader in ('train', 'val')
+          for key in ('num_workers=2', 'persistent_workers=True')]]
+    straight = str(tmp_path / 'straight')
+    run_tool([TRAIN, DEMO, '--work-dir', straight, '--cfg-options',
+              *options], cwd=cwd)
+    assert sum('coco/bbox_mAP' in e for e in scalars(straight)) == 2
+    resumed = str(tmp_path / 'resumed')
+    run_tool([TRAIN, DEMO, '--work-dir', resumed, '--resume',
+              osp.join(straight, 'epoch_1.pth'), '--cfg-options', *options],
+             cwd=cwd)
+    assert_same_epoch_2(straight, resumed)
 
 
 def test_amp_keeps_gc(demo_run):
@@ -457,6 +487,89 @@ def test_benchmark_variants_step_off_the_cpu():
                                    only='AdamW_GC2')
     assert list(only) == ['torch AdamW foreach', 'torch AdamW for-loop',
                           'gc_mm AdamW_GC2']
+
+
+BENCHMARK = osp.join(REPO, 'tools/analysis/benchmark_gc.py')
+SHAPES = {'configs/mask_rcnn_r50_gc.py': 'mask_rcnn_r50_fpn.json',
+          'configs/mask_rcnn_x101_64x4d_gc.py':
+          'mask_rcnn_x101_64x4d_fpn.json'}
+# The benchmark run where mmdet and mmcv cannot be imported (as on the GPU
+# machine of tools/analysis/device_check.sh).
+WITHOUT_MMDET = """
+import runpy, sys
+sys.modules['mmdet'] = sys.modules['mmcv'] = None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_benchmark_times_saved_shapes_without_mmdet(tmp_path):
+    """--dump-shapes writes the trainable parameters the GC twin's optimizer
+    steps, in its order, and which of them get GC; --shapes times tensors of
+    those shapes without mmdet (here briefly, on CPU) and writes JSON and a
+    Markdown table; a file that is not such a list is refused in one
+    line."""
+    demo = osp.join(REPO, 'configs/demo/mask_rcnn_r18_fpn_gc_shapes.py')
+    shapes = tmp_path / 'shapes.json'
+    run_tool([BENCHMARK, '--config', demo, '--dump-shapes', str(shapes)],
+             cwd=tmp_path)
+    spec = json.loads(shapes.read_text())
+    sys.path.insert(0, osp.join(REPO, 'tools/analysis'))
+    try:
+        import benchmark_gc
+    finally:
+        sys.path.pop(0)
+    _, model = benchmark_gc.build_model(demo)
+    trainable = [(n, list(p.shape)) for n, p in model.named_parameters()
+                 if p.requires_grad]
+    assert [(p['name'], p['shape']) for p in spec['params']] == trainable
+    # SGD_GC centralizes conv and fc weights (ndim > 1), nothing else.
+    assert [p['gc'] for p in spec['params']] == [
+        len(shape) > 1 for _, shape in trainable]
+    assert spec['optimizer'] == 'SGD_GC' and spec['tensors'] == len(trainable)
+    assert 0 < spec['gc_tensors'] < spec['tensors']
+
+    out, table = tmp_path / 'bench.json', tmp_path / 'bench.md'
+    proc = subprocess.run(
+        [sys.executable, '-c', WITHOUT_MMDET, BENCHMARK, '--shapes',
+         str(shapes), '--device', 'cpu', '--families', 'sgd', 'adamw',
+         '--repeats', '1', '--warmup', '0', '--json', str(out), '--markdown',
+         str(table)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (report['tensors'], report['parameters'], report['gc_tensors']) == (
+        spec['tensors'], spec['parameters'], spec['gc_tensors'])
+    assert report['shapes'] == str(shapes) and report['config'] == demo
+    assert set(report) >= {'sgd', 'adamw'} and 'adam' not in report
+    rows = [line for line in table.read_text().splitlines()
+            if line.startswith('| sgd |') or line.startswith('| adamw |')]
+    assert len(rows) == len(report['sgd']) + len(report['adamw'])
+    assert '| sgd | torch SGD fused |' in table.read_text()
+
+    shapes.write_text('{"params": [{"shape": "3x3"}]}')
+    proc = run_tool([BENCHMARK, '--shapes', str(shapes)], cwd=tmp_path,
+                    check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f'--shapes {shapes}: not a shapes file written by --dump-shapes')
+
+
+@pytest.mark.parametrize('config', list(SHAPES))
+def test_shipped_shapes_are_the_models(config, monkeypatch):
+    """tools/analysis/shapes/ holds what --dump-shapes writes for the Mask
+    R-CNN GC twins today (the GPU check times these shapes)."""
+    sys.path.insert(0, osp.join(REPO, 'tools/analysis'))
+    try:
+        import benchmark_gc
+    finally:
+        sys.path.pop(0)
+    shipped = osp.join(REPO, 'tools/analysis/shapes', SHAPES[config])
+    with open(shipped) as f:
+        want = json.load(f)
+    monkeypatch.chdir(REPO)  # the files name their configs from there
+    got = benchmark_gc.dump_shapes(config, os.devnull)
+    assert got == want
 
 
 FAILING_CXX = """#!/bin/sh
