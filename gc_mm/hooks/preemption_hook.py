@@ -21,26 +21,31 @@ EXIT_PREEMPTED = 75
 
 
 class _SkipFirstBatches:
-    """A batch sampler whose first pass leaves out the first ``count``
-    batches (index lists only: no sample is loaded), then the batch
-    sampler it wraps as it is."""
+    """A train dataloader whose next pass loads its first ``count`` batches
+    and leaves them out, then the dataloader it wraps as it is.
 
-    def __init__(self, batch_sampler, count: int):
-        self.batch_sampler = batch_sampler
+    Loaded, not skipped by index: data workers draw their random numbers
+    (augmentations) from streams seeded per epoch (RandomStateHook), so a
+    batch is the uninterrupted run's only if each worker has processed the
+    same samples before it.
+    """
+
+    def __init__(self, loader, count: int):
+        self.loader = loader
         self.count = count
 
     def __iter__(self):
-        batches = iter(self.batch_sampler)
+        batches = iter(self.loader)
         count, self.count = self.count, 0
         for _ in range(count):
             next(batches, None)
-        yield from batches
+        return batches
 
     def __len__(self) -> int:
-        return len(self.batch_sampler)
+        return len(self.loader)
 
     def __getattr__(self, name):
-        return getattr(self.batch_sampler, name)
+        return getattr(self.loader, name)
 
 
 @HOOKS.register_module()
@@ -50,9 +55,9 @@ class PreemptionHook(Hook):
     its current iteration, rank 0 writes an iteration checkpoint (atomically,
     as every checkpoint here) and names it in ``last_checkpoint``, and the
     run exits with status :data:`EXIT_PREEMPTED` (75). ``--resume`` goes on
-    from it; a run resumed in the middle of an epoch skips the batches that
-    epoch already trained (without loading them), so it ends as the
-    uninterrupted run.
+    from it; a run resumed in the middle of an epoch loads the batches that
+    epoch already trained and leaves them out (no forward or backward), so
+    it ends as the uninterrupted run.
 
     The ranks agree on stopping through one all-reduce of a flag per
     iteration (a signal may reach them at different iterations).
@@ -99,15 +104,13 @@ class PreemptionHook(Hook):
             return
         loader = loop.dataloader
         trained = runner.iter - runner.epoch * len(loader)
-        if trained <= 0 or getattr(loader, 'batch_sampler', None) is None:
+        if trained <= 0:
             return
         print_log(f'PreemptionHook: resumed in epoch {runner.epoch + 1} '
                   f'after {trained} of its {len(loader)} iterations; '
-                  'skipping the batches it trained', logger='current')
-        # DataLoader refuses a new batch_sampler once built; its iterators
-        # take the attribute at the start of each epoch.
-        object.__setattr__(loader, 'batch_sampler',
-                           _SkipFirstBatches(loader.batch_sampler, trained))
+                  'loading and leaving out the batches it trained',
+                  logger='current')
+        loop.dataloader = _SkipFirstBatches(loader, trained)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
