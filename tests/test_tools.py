@@ -572,6 +572,89 @@ def test_shipped_shapes_are_the_models(config, monkeypatch):
     assert got == want
 
 
+BENCHMARK = osp.join(REPO, 'tools/analysis/benchmark_gc.py')
+SHAPES = {'configs/mask_rcnn_r50_gc.py': 'mask_rcnn_r50_fpn.json',
+          'configs/mask_rcnn_x101_64x4d_gc.py':
+          'mask_rcnn_x101_64x4d_fpn.json'}
+# The benchmark run where mmdet and mmcv cannot be imported (as on the GPU
+# machine of tools/analysis/device_check.sh).
+WITHOUT_MMDET = """
+import runpy, sys
+sys.modules['mmdet'] = sys.modules['mmcv'] = None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_benchmark_times_saved_shapes_without_mmdet(tmp_path):
+    """--dump-shapes writes the trainable parameters the GC twin's optimizer
+    steps, in its order, and which of them get GC; --shapes times tensors of
+    those shapes without mmdet (here briefly, on CPU) and writes JSON and a
+    Markdown table; a file that is not such a list is refused in one
+    line."""
+    demo = osp.join(REPO, 'configs/demo/mask_rcnn_r18_fpn_gc_shapes.py')
+    shapes = tmp_path / 'shapes.json'
+    run_tool([BENCHMARK, '--config', demo, '--dump-shapes', str(shapes)],
+             cwd=tmp_path)
+    spec = json.loads(shapes.read_text())
+    sys.path.insert(0, osp.join(REPO, 'tools/analysis'))
+    try:
+        import benchmark_gc
+    finally:
+        sys.path.pop(0)
+    _, model = benchmark_gc.build_model(demo)
+    trainable = [(n, list(p.shape)) for n, p in model.named_parameters()
+                 if p.requires_grad]
+    assert [(p['name'], p['shape']) for p in spec['params']] == trainable
+    # SGD_GC centralizes conv and fc weights (ndim > 1), nothing else.
+    assert [p['gc'] for p in spec['params']] == [
+        len(shape) > 1 for _, shape in trainable]
+    assert spec['optimizer'] == 'SGD_GC' and spec['tensors'] == len(trainable)
+    assert 0 < spec['gc_tensors'] < spec['tensors']
+
+    out, table = tmp_path / 'bench.json', tmp_path / 'bench.md'
+    proc = subprocess.run(
+        [sys.executable, '-c', WITHOUT_MMDET, BENCHMARK, '--shapes',
+         str(shapes), '--device', 'cpu', '--families', 'sgd', 'adamw',
+         '--repeats', '1', '--warmup', '0', '--json', str(out), '--markdown',
+         str(table)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (report['tensors'], report['parameters'], report['gc_tensors']) == (
+        spec['tensors'], spec['parameters'], spec['gc_tensors'])
+    assert report['shapes'] == str(shapes) and report['config'] == demo
+    assert set(report) >= {'sgd', 'adamw'} and 'adam' not in report
+    rows = [line for line in table.read_text().splitlines()
+            if line.startswith('| sgd |') or line.startswith('| adamw |')]
+    assert len(rows) == len(report['sgd']) + len(report['adamw'])
+    assert '| sgd | torch SGD fused |' in table.read_text()
+
+    shapes.write_text('{"params": [{"shape": "3x3"}]}')
+    proc = run_tool([BENCHMARK, '--shapes', str(shapes)], cwd=tmp_path,
+                    check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f'--shapes {shapes}: not a shapes file written by --dump-shapes')
+
+
+@pytest.mark.parametrize('config', list(SHAPES))
+def test_shipped_shapes_are_the_models(config, monkeypatch):
+    """tools/analysis/shapes/ holds what --dump-shapes writes for the Mask
+    R-CNN GC twins today (the GPU check times these shapes)."""
+    sys.path.insert(0, osp.join(REPO, 'tools/analysis'))
+    try:
+        import benchmark_gc
+    finally:
+        sys.path.pop(0)
+    shipped = osp.join(REPO, 'tools/analysis/shapes', SHAPES[config])
+    with open(shipped) as f:
+        want = json.load(f)
+    monkeypatch.chdir(REPO)  # the files name their configs from there
+    got = benchmark_gc.dump_shapes(config, os.devnull)
+    assert got == want
+
+
 FAILING_CXX = """#!/bin/sh
 # A C++ compiler that answers version queries and fails every compile.
 case "$1" in --version|-v|-dumpversion|-dumpfullversion)

@@ -1,9 +1,10 @@
 """Benchmark GC optimizer steps against torch.optim and the authors' loop.
 
 Builds the trainable parameters of a real detector from a config (default
-Mask R-CNN R50-FPN), fills random gradients and times one optimizer step of
-each variant, interleaved, after warm-up; prints medians and ratios and
-writes JSON. ``--e2e N`` also trains a config and its GC twin
+Mask R-CNN R50-FPN), or from their shapes saved in a JSON file (``--shapes``;
+no mmdet needed), fills random gradients and times one optimizer step of
+each variant, interleaved, after warm-up (CUDA: CUDA events); prints medians
+and ratios and writes JSON (and ``--markdown``, a table). ``--e2e N`` also trains a config and its GC twin
 (``--e2e-config``, ``--e2e-twin``; the demo pair by default) for N
 iterations each through the MMEngine runner, then times each one's optim
 wrapper on its own model: GC changes only the step, so the step-time
@@ -11,12 +12,15 @@ difference over the iteration time is GC's overhead per iteration.
 
     python tools/analysis/benchmark_gc.py                       # CPU
     python tools/analysis/benchmark_gc.py --device cuda
+    python tools/analysis/benchmark_gc.py --shapes tools/analysis/shapes/mask_rcnn_r50_fpn.json --device cuda
+    python tools/analysis/benchmark_gc.py --config configs/mask_rcnn_r50_gc.py --dump-shapes r50.json
     python tools/analysis/benchmark_gc.py --config configs/faster_rcnn_x101_64x4d.py
     python tools/analysis/benchmark_gc.py --e2e 20 --skip-steps
     python tools/analysis/benchmark_gc.py --families adamw --only AdamW_GC
 """
 import argparse
 import json
+import math
 import os.path as osp
 import platform
 import re
@@ -35,14 +39,69 @@ from gc_mm.compat import silence_pkg_resources_warning
 silence_pkg_resources_warning()
 
 
-def trainable_shapes(config: str):
+def build_model(config: str):
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     register_all_modules()
     cfg = Config.fromfile(config)
     cfg.model.backbone.init_cfg = None
-    model = MODELS.build(cfg.model)
+    return cfg, MODELS.build(cfg.model)
+
+
+def trainable_shapes(config: str):
+    _, model = build_model(config)
     return [p.shape for p in model.parameters() if p.requires_grad]
+
+
+def dump_shapes(config: str, path: str) -> dict:
+    """Write the trainable parameters of ``config``'s model, in the order
+    its optimizer steps them, each with its shape and whether its gradient
+    gets GC there (as the config's optim wrapper and optimizer decide), so
+    that ``--shapes`` times real shapes without mmdet."""
+    from mmengine.optim import build_optim_wrapper
+
+    from gc_mm.centralize import is_centralized
+    from gc_mm.constructor import applied_gc_mode
+    from gc_mm.optimizers import inner_optimizer
+    cfg, model = build_model(config)
+    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = []
+    for group in inner_optimizer(wrapper.optimizer).param_groups:
+        mode = applied_gc_mode(wrapper, group)
+        for p in group['params']:
+            if not p.requires_grad:  # frozen stages: never stepped
+                continue
+            entry = dict(name=names[id(p)], shape=list(p.shape),
+                         gc=is_centralized(p, mode))
+            if entry['gc'] and group.get('gc_out_dim', 0):
+                entry['gc_out_dim'] = group['gc_out_dim']
+            params.append(entry)
+    spec = dict(config=config, model=cfg.model.type,
+                backbone=cfg.model.backbone.type,
+                optimizer=type(inner_optimizer(wrapper.optimizer)).__name__,
+                tensors=len(params),
+                parameters=sum(math.prod(p['shape']) for p in params),
+                gc_tensors=sum(p['gc'] for p in params), params=params)
+    # One parameter a line: small, and its diffs readable.
+    head = json.dumps({k: v for k, v in spec.items() if k != 'params'},
+                      indent=1)
+    with open(path, 'w') as f:
+        f.write(head[:-2] + ',\n "params": [\n' +
+                ',\n'.join('  ' + json.dumps(p) for p in params) + '\n ]\n}\n')
+    return spec
+
+
+def load_shapes(path: str):
+    """The shapes of a ``--dump-shapes`` file, and the file's contents."""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+        shapes = [torch.Size(p['shape']) for p in spec['params']]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f'--shapes {path}: not a shapes file written by '
+                         f'--dump-shapes ({error!r})')
+    return shapes, spec
 
 
 class AuthorsSGD_GC(torch.optim.Optimizer):
@@ -166,8 +225,10 @@ def variants(family: str, device: torch.device):
             'multi-tensor': dict(foreach=True),
             'plain path': dict(fused=False, foreach=False),
         }
-        if on_cpu:  # the kernel is for CPU tensors only
+        if on_cpu:  # the C++ kernel is for CPU tensors only
             paths['C++ kernel'] = dict(fused=True)
+        elif device.type == 'cuda' and kernels.triton_available():
+            paths['Triton kernel'] = dict(fused=True)
         defaults = reg.SGD_GC([torch.zeros(1, device=device)]).defaults
         default = {
             'fused': 'C++ kernel', 'multi_tensor': 'multi-tensor',
@@ -224,6 +285,24 @@ def radam_variants(device):
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
+
+
+def timed_step(optimizer, device) -> float:
+    """Seconds of one step, from a synchronized start: CUDA events on the
+    GPU (what the GPU spent between the step's first and last launch, the
+    CPU's launch time included where the GPU waited for it), the wall clock
+    elsewhere."""
+    sync(device)
+    if device.type != 'cuda':
+        start = time.perf_counter()
+        optimizer.step()
+        return time.perf_counter() - start
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    start.record()
+    optimizer.step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def time_steps(shapes, family, device, repeats, warmup, only=None):
@@ -284,12 +363,9 @@ def time_interleaved(optimizers, device, repeats, warmup):
         for name, optimizer in optimizers.items():  # interleaved
             # Some GC steps work in place on the gradients: restore them.
             torch._foreach_copy_(*grads[name])
-            sync(device)
-            start = time.perf_counter()
-            optimizer.step()
-            sync(device)
+            seconds = timed_step(optimizer, device)
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     results = {}
     for name, optimizer in optimizers.items():
         torch._foreach_copy_(*grads[name])
@@ -352,9 +428,45 @@ def table(title, results, baselines):
               f' {r["state_mb"]:9.1f} {r["transient_mb"]:12.1f}')
 
 
+def markdown(report) -> str:
+    """The step tables of a report, in Markdown: each variant's median
+    against torch's fused step of the family's base optimizer (where torch
+    has one on the device) and its fastest step."""
+    what = report['config'] + (f' ({report["model"]}, {report["backbone"]})'
+                               if 'backbone' in report else '')
+    lines = [f'### {what}: {report["tensors"]} tensors, '
+             f'{report["parameters"] / 1e6:.1f}M parameters, '
+             f'{report.get("gpu") or report["machine"]}, torch '
+             f'{report["torch"]}' +
+             (f', CUDA {report["cuda"]}' if report.get('cuda') else ''), '',
+             '| family | variant | ms | × torch fused | × fastest torch '
+             '| transient MB |', '| --- | --- | ---: | ---: | ---: | ---: |']
+    for family in FAMILIES:
+        results = report.get(family)
+        if not results:
+            continue
+        torch_names = [n for n in results if n.startswith('torch ')]
+        fastest = min(torch_names, key=lambda n: results[n]['ms'])
+        fused = next((n for n in torch_names if n.endswith(' fused')), None)
+        for name, r in results.items():
+            vs_fused = (f'{r["ms"] / results[fused]["ms"]:.2f}'
+                        if fused else '–')
+            lines.append(f'| {family} | {name} | {r["ms"]:.3f} | {vs_fused} '
+                         f'| {r["ms"] / results[fastest]["ms"]:.2f} '
+                         f'| {r["transient_mb"]:.1f} |')
+    return '\n'.join(lines) + '\n'
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', default='configs/mask_rcnn_r50.py')
+    parser.add_argument('--shapes', metavar='FILE',
+                        help='time tensors of the shapes in FILE (written by '
+                        '--dump-shapes) instead of building --config\'s '
+                        'model (no mmdet needed)')
+    parser.add_argument('--dump-shapes', metavar='FILE',
+                        help="write --config's trainable parameter shapes, "
+                        'and which get GC, to FILE and exit (needs mmdet)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--families', nargs='+', default=list(FAMILIES),
                         choices=FAMILIES)
@@ -379,7 +491,20 @@ def main():
                         help='the GC twin of --e2e-config')
     parser.add_argument('--skip-steps', action='store_true')
     parser.add_argument('--json', default='benchmark_gc.json')
+    parser.add_argument('--markdown', metavar='FILE',
+                        help='also write the step tables to FILE, in Markdown')
     args = parser.parse_args()
+    if args.dump_shapes:
+        spec = dump_shapes(args.config, args.dump_shapes)
+        print(f'{args.config}: {spec["tensors"]} trainable tensors '
+              f'({spec["gc_tensors"]} with GC under {spec["optimizer"]}), '
+              f'{spec["parameters"] / 1e6:.1f}M parameters -> '
+              f'{args.dump_shapes}')
+        return
+    if args.shapes and args.e2e:
+        parser.error('--e2e trains a config through mmdet; --shapes is for '
+                     'the step timings alone')
+    shapes, spec = load_shapes(args.shapes) if args.shapes else (None, None)
     if args.e2e:
         for path in (args.e2e_config, args.e2e_twin):
             if not osp.isfile(path):
@@ -387,11 +512,17 @@ def main():
         if osp.samefile(args.e2e_config, args.e2e_twin):
             parser.error('--e2e-config and --e2e-twin are the same file')
     device = torch.device(args.device)
-    report = dict(config=args.config, device=str(device),
+    report = dict(config=spec['config'] if spec else args.config,
+                  device=str(device),
                   machine=platform.processor() or platform.machine(),
                   torch=torch.__version__, threads=torch.get_num_threads())
+    if spec:
+        report.update(shapes=args.shapes, model=spec['model'],
+                      backbone=spec['backbone'],
+                      gc_tensors=spec['gc_tensors'])
     if device.type == 'cuda':
-        report['gpu'] = torch.cuda.get_device_name()
+        report.update(gpu=torch.cuda.get_device_name(device),
+                      cuda=torch.version.cuda)
     if not args.skip_steps:
         if device.type == 'cpu':
             # Installed, or else built on first use (then cached): their
@@ -407,10 +538,11 @@ def main():
                     'installed' if installed else
                     'not installed, built on first use (or loaded from the '
                     'cache)') + f', ready in {seconds:.2f} s')
-        shapes = trainable_shapes(args.config)
+        if shapes is None:
+            shapes = trainable_shapes(args.config)
         report['tensors'] = len(shapes)
         report['parameters'] = sum(torch.Size(s).numel() for s in shapes)
-        print(f'{args.config}: {len(shapes)} trainable tensors, '
+        print(f'{report["config"]}: {len(shapes)} trainable tensors, '
               f'{report["parameters"] / 1e6:.1f}M parameters, {device}')
         for family in args.families:
             results = time_steps(shapes, family, device, args.repeats,
@@ -444,6 +576,10 @@ def main():
     with open(args.json, 'w') as f:
         json.dump(report, f, indent=2)
     print(f'\nwrote {args.json}')
+    if args.markdown and not args.skip_steps:
+        with open(args.markdown, 'w') as f:
+            f.write(markdown(report))
+        print(f'wrote {args.markdown}')
 
 
 if __name__ == '__main__':
