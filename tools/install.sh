@@ -9,9 +9,11 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip() { .venv/bin/python -m pip "$@"; }
 
-# tensorboard: for MMEngine's TensorboardVisBackend (and its test).
+# tensorboard: for MMEngine's TensorboardVisBackend (and its test); triton:
+# SGD_GC's CUDA kernel, which tests/test_triton.py runs here in Triton's
+# interpreter (torch's CUDA wheels bring triton themselves).
 pip install -q "setuptools>=77,<82" wheel ninja torch==2.13.0 numpy mmengine \
-    tensorboard
+    tensorboard triton
 if ! .venv/bin/python -c 'import mmcv.ops' 2>/dev/null; then
     echo "Installing mmcv 2.1.0 with its ops (a fresh machine builds it once, ~20 min)..."
     # Without --no-build-isolation the build silently yields no ops.
