@@ -174,6 +174,34 @@ def test_table_lists_unfinished_and_metricless_runs(runs, tmp_path):
     assert f'- {bare} ({TWIN} seed 1): no validation metrics' in stdout
 
 
+def test_table_leaves_out_the_work_dirs_of_tests(runs, tmp_path):
+    """tools/test.py's work_dir beside a run (reproduce_paper's
+    ``<run>_test``) is no run: told by what it holds (test metrics, no
+    training log), under any name; named if given as a run."""
+    root, work = runs
+    tree = tmp_path / 'paper'
+    for (name, seed), work_dir in work.items():
+        copy_run(work_dir, tree / f'{name}_s{seed}')
+    for name in (f'{BASE}_s0_test', 'evaluated'):
+        run_tool([osp.join(REPO, 'tools/test.py'),
+                  osp.join(work[BASE, 0], f'{BASE}.py'),
+                  osp.join(work[BASE, 0], 'epoch_2.pth'),
+                  '--work-dir', str(tree / name), '--cfg-options',
+                  'test_dataloader.dataset.indices=4'], cwd=root)
+        assert glob.glob(str(tree / name / '*' / '*.json'))  # its metrics
+    stdout, rows, per_run = table([str(tree)], tmp_path)
+    check_rows(rows, [final_metrics(work[BASE, s]) for s in SEEDS],
+               [final_metrics(work[TWIN, s]) for s in SEEDS])
+    assert sorted(r['work_dir'] for r in per_run) == sorted(
+        str(tree / f'{name}_s{seed}') for name, seed in work)
+    assert 'not counted' not in stdout
+    proc = run_tool([TABLE, str(tree / 'evaluated')], cwd=tmp_path,
+                    check=False)
+    assert proc.returncode != 0
+    assert (f"error: WORK_DIR '{tree / 'evaluated'}' is the work_dir of a "
+            'test (tools/test.py), not of a training run') in proc.stderr
+
+
 def test_table_puts_the_paper_and_the_zoo_beside_a_paper_config(
         runs, tmp_path):
     """The runs renamed to the paper's Mask R-CNN R50 twins (the config

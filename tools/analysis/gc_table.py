@@ -138,16 +138,34 @@ def is_run_dir(path: str) -> bool:
         for entry in os.listdir(path))
 
 
+def is_test_dir(path: str) -> bool:
+    """Whether ``path`` is the work_dir of tools/test.py (reproduce_paper's
+    ``<run>_test``), told by what it holds: a launch dumped test metrics
+    (``<timestamp>/<timestamp>.json``) and none logged training
+    (``<timestamp>/vis_data/scalars.json``)."""
+    stamps = [entry for entry in os.listdir(path) if TIMESTAMP.match(entry)]
+    return (any(osp.isfile(osp.join(path, stamp, f'{stamp}.json'))
+                for stamp in stamps)
+            and not any(osp.isfile(osp.join(path, stamp, 'vis_data',
+                                            'scalars.json'))
+                        for stamp in stamps))
+
+
 def find_run_dirs(paths: List[str]) -> List[str]:
-    """The run work_dirs given or found below the given folders; raises
-    ValueError naming a path that is no folder or holds no MMEngine logs."""
+    """The run work_dirs given or found below the given folders (test
+    work_dirs below them left out); raises ValueError naming a path that is
+    no folder, a test's work_dir or holds no MMEngine logs."""
     found = []
     for path in paths:
         if not osp.isdir(path):
             raise ValueError(f'WORK_DIR {path!r}: no such folder')
+        if is_run_dir(path) and is_test_dir(path):
+            raise ValueError(
+                f'WORK_DIR {path!r} is the work_dir of a test '
+                '(tools/test.py), not of a training run')
         runs = sorted(root for root, dirs, _ in os.walk(path)
                       if not TIMESTAMP.match(osp.basename(root))
-                      and is_run_dir(root))
+                      and is_run_dir(root) and not is_test_dir(root))
         if not runs:
             raise ValueError(
                 f'WORK_DIR {path!r} holds no MMEngine logs (expected '
