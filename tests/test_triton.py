@@ -3,8 +3,9 @@ here by Triton's interpreter (TRITON_INTERPRET=1, on CPU tensors) against
 the float64 reference: every SGD rule, with and without momentum,
 Nesterov, dampening and decay, float32 and float64 tensors in one call,
 tensors with and without GC (one cut into several programs), channels_last,
-and a tensor whose first step comes later than the others'. The kernel is
-compiled and run on CUDA by tests/test_devices.py (SGD_GC's fused path)."""
+and a tensor whose first step comes later than the others'; and compiled
+for an H100 (sm_90) without a GPU. It runs on CUDA in tests/test_devices.py
+(SGD_GC's fused path there)."""
 import json
 import os
 import subprocess
@@ -103,3 +104,32 @@ def test_triton_sgd_kernel_matches_reference():
         centralized = (0, 1, 6) if 'GCC' in name else (0, 1, 2, 5, 6)
         if index in centralized:
             assert gc_error > 1e-4, (name, hp, index, gc_error)
+
+
+@pytest.mark.parametrize('dtype', ['fp32', 'fp64'])
+@pytest.mark.parametrize('coupled', [True, False])
+def test_triton_sgd_kernel_compiles_for_hopper(dtype, coupled):
+    """The interpreter runs the kernel as Python; the compiler (PTX and
+    machine code for sm_90, an H100's, without a GPU) also checks what the
+    interpreter lets through (types across branches, pointer casts)."""
+    compiler = pytest.importorskip('triton.compiler')
+    backends = pytest.importorskip('triton.backends.compiler')
+    import triton
+    import triton.language as tl
+
+    from gc_mm.kernels import triton_sgd
+    signature = {'table': '*i64', 'n': 'i32', 'row_tensor': '*i64',
+                 'hyper': f'*{dtype}', 'DTYPE': 'constexpr',
+                 'COUPLED': 'constexpr', 'MOMENTUM': 'constexpr',
+                 'NESTEROV': 'constexpr', 'BLOCK': 'constexpr'}
+    for momentum, nesterov in [(False, False), (True, False), (True, True)]:
+        source = compiler.ASTSource(
+            fn=triton_sgd._sgd_rows, signature=signature,
+            constexprs=dict(DTYPE=getattr(tl, {'fp32': 'float32',
+                                               'fp64': 'float64'}[dtype]),
+                            COUPLED=coupled, MOMENTUM=momentum,
+                            NESTEROV=nesterov, BLOCK=triton_sgd.BLOCK))
+        kernel = triton.compile(source,
+                                target=backends.GPUTarget('cuda', 90, 32))
+        assert '.visible .entry _sgd_rows' in kernel.asm['ptx']
+        assert kernel.asm['cubin']
