@@ -321,6 +321,8 @@ def test_infer_honours_the_score_threshold_on_a_training_checkpoint(
     ('checkpoint', "CHECKPOINT: checkpoint '{missing}' does not exist."),
     ('no_state_dict', "has no state_dict of tensors"),
     ('other_model', 'does not fit the model of CONFIG (missing: '),
+    ('other_classes', 'does not fit the model of CONFIG (shapes: '
+     'roi_head.bbox_head.fc_cls.weight [4, '),
 ])
 def test_publish_refuses_bad_input_writing_nothing(trained, tmp_path, case,
                                                    message):
@@ -333,15 +335,25 @@ def test_publish_refuses_bad_input_writing_nothing(trained, tmp_path, case,
     elif case == 'no_state_dict':
         ckpt = str(tmp_path / 'meta_only.pth')
         torch.save({'meta': {'epoch': 1}}, ckpt)
-    else:  # a checkpoint of another model: the box head is gone
+    elif case == 'other_model':  # the box head is gone
         state = checkpoint(ckpt)['state_dict']
         ckpt = str(tmp_path / 'other.pth')
         torch.save({'state_dict': {k: v for k, v in state.items()
                                    if 'bbox_head' not in k}}, ckpt)
+    else:  # the same model trained on 3 classes, not 4
+        state = checkpoint(ckpt)['state_dict']
+        rows = dict(fc_cls=3 + 1, fc_reg=3 * 4, conv_logits=3)
+        for key in state:
+            layer = key.split('.')[-2]
+            if layer in rows:
+                state[key] = state[key][:rows[layer]]
+        ckpt = str(tmp_path / 'three_classes.pth')
+        torch.save({'state_dict': state}, ckpt)
     out_dir = tmp_path / 'zoo'
     with pytest.raises(ConfigError) as error:
         publish_model.publish(config, ckpt, str(out_dir))
     assert message.format(missing=missing) in str(error.value)
+    assert '\n' not in str(error.value)  # one line
     assert not out_dir.exists()
 
 
@@ -445,3 +457,83 @@ def test_drawing_masks_leaves_numpy_global_generator(tmp_path):
     proc = run_tool([str(script)], cwd=tmp_path)
     assert 'global stream kept: True' in proc.stdout
     assert 'masks of one class told apart: True' in proc.stdout
+
+
+USER_MODULE = """
+from mmdet.models.necks import FPN
+from mmdet.registry import MODELS
+
+
+@MODELS.register_module()
+class UserFPN(FPN):
+    \"\"\"A user's own neck, registered by their module.\"\"\"
+"""
+
+STOCK_LOAD = """
+import sys
+from mmdet.apis import init_detector
+model = init_detector(sys.argv[1], sys.argv[2], device='cpu')
+print('loaded', type(model.neck).__name__)
+assert not [m for m in sys.modules if m.split('.')[0] == 'gc_mm']
+"""
+
+
+def test_publish_keeps_the_users_own_custom_imports(trained, tmp_path):
+    """A model made with the user's own module (imported by custom_imports
+    beside gc_mm) is published with that import kept, gc_mm's left out;
+    the pair loads without gc_mm where that module is importable, and the
+    tool says so."""
+    cwd, config, ckpt, _ = trained
+    ext = tmp_path / 'ext'
+    ext.mkdir()
+    (ext / 'user_necks.py').write_text(USER_MODULE)
+    user_config = tmp_path / 'user_model.py'
+    user_config.write_text(
+        f"_base_ = '{config}'\n"
+        "custom_imports = dict(imports=['gc_mm', 'gc_mm.datasets', "
+        "'user_necks'], allow_failed_imports=False)\n"
+        "model = dict(neck=dict(type='UserFPN'))\n")
+    out_dir = tmp_path / 'zoo'
+    proc = run_tool([PUBLISH, str(user_config), ckpt, str(out_dir)], cwd=cwd,
+                    env=dict(PYTHONPATH=str(ext)))
+    published = Config.fromfile(str(out_dir / 'user_model.py'),
+                                import_custom_modules=False)
+    assert published.custom_imports == dict(imports=['user_necks'],
+                                            allow_failed_imports=False)
+    assert 'gc_mm' not in (out_dir / 'user_model.py').read_text()
+    assert ('Note: custom_imports: user_necks kept (not gc_mm): the '
+            'published pair needs it importable.') in proc.stdout
+    assert ('Both load without gc_mm, with user_necks importable (the '
+            "config's custom_imports): ") in proc.stdout
+    [weights] = glob.glob(str(out_dir / 'user_model-*.pth'))
+    blocker = tmp_path / 'blocker'
+    blocker.mkdir()
+    (blocker / 'sitecustomize.py').write_text(BLOCK_GC_MM)
+    script = tmp_path / 'stock_load.py'
+    script.write_text(STOCK_LOAD)
+    proc = run_tool([str(script), str(out_dir / 'user_model.py'), weights],
+                    cwd=tmp_path, env=dict(PYTHONPATH=f'{blocker}:{ext}'))
+    assert 'loaded UserFPN' in proc.stdout
+
+
+def test_infer_labels_a_checkpoint_without_meta_with_the_configs_classes(
+        trained, images, tmp_path):
+    """A checkpoint of weights only (no meta.dataset_meta) is labelled with
+    the classes of its config, as publish_model.py publishes them, not with
+    COCO's."""
+    _, config, ckpt, _ = trained
+    weights = tmp_path / 'weights_only.pth'
+    torch.save({'state_dict': checkpoint(ckpt)['state_dict']}, weights)
+    out_dir = tmp_path / 'out'
+    run_tool([INFER, config, str(weights), *images[:2], '--out-dir',
+              str(out_dir), '--score-thr', '0', '--device', 'cpu'],
+             cwd=tmp_path)
+    classes = ['circle', 'square', 'triangle', 'hexagon']
+    names = []
+    for path in images[:2]:
+        stem = osp.splitext(osp.basename(path))[0]
+        with open(out_dir / 'preds' / f'{stem}.json') as f:
+            pred = json.load(f)
+        assert pred['label_names'] == [classes[i] for i in pred['labels']]
+        names += pred['label_names']
+    assert names  # something was labelled

@@ -7,19 +7,23 @@ import json
 import os
 import os.path as osp
 import sys
+import warnings
 
 import mmcv
 from mmengine.config import Config, DictAction
 
 import gc_mm  # noqa: F401  (allow-lists the types of gc_mm's checkpoints)
-from gc_mm.checks import ConfigError, check_checkpoint_file
+from gc_mm.checks import (ConfigError, check_checkpoint_file,
+                          is_local_checkpoint)
 from gc_mm.compat import silence_pkg_resources_warning
 
 # tools/ is on sys.path when this file runs as a script.
-from publish_model import inference_config
+from publish_model import config_dataset_meta, inference_config
 
 silence_pkg_resources_warning()
 
+# What mmdet's DetInferencer warns when a checkpoint has no class names.
+NO_CLASSES_WARNING = 'class names are not saved in the checkpoint'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff',
                     '.webp')
 
@@ -86,12 +90,44 @@ def predictions(result: dict, classes, score_thr: float) -> dict:
     return kept
 
 
+def build_inferencer(cfg: Config, checkpoint: str, device=None):
+    """MMDetection's DetInferencer, which loads the checkpoint with
+    torch.load's default, weights_only=True; a checkpoint without class
+    names in its meta is labelled with the classes of ``cfg``'s test
+    dataset (as tools/publish_model.py publishes it), not with COCO's."""
+    from mmdet.apis import DetInferencer
+
+    class Inferencer(DetInferencer):
+
+        def _init_model(self, cfg, weights=None, device='cpu'):
+            classes = config_dataset_meta(
+                cfg.test_dataloader.dataset).get('classes')
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.filterwarnings('always',
+                                        message=f'.*{NO_CLASSES_WARNING}')
+                model = super()._init_model(cfg, weights, device)
+            for warning in caught:
+                # mmdet's word for a checkpoint without class names: it
+                # then labels with COCO's.
+                if classes and weights and NO_CLASSES_WARNING in str(
+                        warning.message):
+                    model.dataset_meta['classes'] = classes
+                else:
+                    warnings.showwarning(warning.message, warning.category,
+                                         warning.filename, warning.lineno)
+            return model
+
+    return Inferencer(model=cfg, weights=checkpoint, device=device,
+                      show_progress=False)
+
+
 def main():
     args = parse_args()
     try:
         if not osp.isfile(args.config):
             raise ConfigError(f'config {args.config!r} does not exist.')
-        check_checkpoint_file(args.checkpoint, 'checkpoint')
+        if is_local_checkpoint(args.checkpoint):  # else mmengine's to read
+            check_checkpoint_file(args.checkpoint, 'checkpoint')
         if not args.score_thr >= 0:
             raise ConfigError(f'--score-thr={args.score_thr} must be >= 0.')
         images = collect_images(args.inputs)
@@ -104,12 +140,7 @@ def main():
     except ConfigError as error:
         sys.exit(f'error: {error}')
 
-    from mmdet.apis import DetInferencer
-
-    # DetInferencer loads the checkpoint with torch.load's default,
-    # weights_only=True.
-    inferencer = DetInferencer(model=cfg, weights=args.checkpoint,
-                               device=args.device, show_progress=False)
+    inferencer = build_inferencer(cfg, args.checkpoint, args.device)
     results = inferencer(images, batch_size=args.batch_size,
                          return_vis=True, no_save_vis=True,
                          no_save_pred=True, pred_score_thr=args.score_thr)

@@ -23,9 +23,9 @@ from gc_mm.compat import silence_pkg_resources_warning
 silence_pkg_resources_warning()
 
 # What only training (or only a run of gc_mm's tools) reads.
-TRAINING_KEYS = ('custom_imports', 'optimizer', 'optim_wrapper',
-                 'param_scheduler', 'train_cfg', 'train_dataloader',
-                 'auto_scale_lr', 'work_dir', 'launcher')
+TRAINING_KEYS = ('optimizer', 'optim_wrapper', 'param_scheduler',
+                 'train_cfg', 'train_dataloader', 'auto_scale_lr', 'work_dir',
+                 'launcher')
 HOOK_KEYS = ('custom_hooks', 'default_hooks')
 
 
@@ -119,15 +119,47 @@ def _walk(node, where: str, types: dict, notes: list):
         _walk(value, f'{where}.{key}' if where else key, types, notes)
 
 
+def _own_imports(cfg: Config, notes: list) -> list:
+    """Leave gc_mm out of ``cfg.custom_imports``; return the modules kept
+    (the user's own: the model may need what they register)."""
+    custom = cfg.pop('custom_imports', None)
+    if not custom:
+        return []
+    imports = custom.get('imports') or []
+    imports = [imports] if isinstance(imports, str) else list(imports)
+    kept = [name for name in imports if name.split('.')[0] != 'gc_mm']
+    if kept:
+        cfg.custom_imports = dict(custom, imports=kept)
+        notes.append(f'custom_imports: {", ".join(kept)} kept (not gc_mm): '
+                     'the published pair needs '
+                     f'{"it" if len(kept) == 1 else "them"} importable')
+    return kept
+
+
+def config_dataset_meta(dataset: dict) -> dict:
+    """The classes (and palette) a test dataset config gives its model, as
+    MMEngine's BaseDataset sets them: its class's METAINFO updated by the
+    config's metainfo."""
+    from mmdet.registry import DATASETS
+    while isinstance(dataset.get('dataset'), dict):  # RepeatDataset & co.
+        dataset = dataset['dataset']
+    kind = dataset.get('type')
+    cls = DATASETS.get(kind) if isinstance(kind, str) else kind
+    meta = dict(getattr(cls, 'METAINFO', None) or {})
+    meta.update(dataset.get('metainfo') or {})
+    return {key: meta[key] for key in ('classes', 'palette') if key in meta}
+
+
 def inference_config(cfg: Config):
     """The inference config of ``cfg``: without what training and gc_mm's
-    tools read, gc_mm's hooks left out and gc_mm datasets replaced by the
-    MMDetection dataset they derive from. Returns (config, notes): one
-    sentence per change a user should know of."""
+    tools read, gc_mm's hooks and imports left out and gc_mm datasets
+    replaced by the MMDetection dataset they derive from. Returns (config,
+    notes): one sentence per change a user should know of."""
     cfg = copy.deepcopy(cfg)
     types, notes = gc_mm_types(), []
     for key in TRAINING_KEYS:
         cfg.pop(key, None)
+    _own_imports(cfg, notes)
     cfg.load_from, cfg.resume = None, False
     for key in HOOK_KEYS:
         hooks = cfg.get(key)
@@ -180,11 +212,11 @@ def published_meta(cfg: Config, checkpoint: dict, config_name: str,
     old = checkpoint.get('meta') or {}
     dataset_meta = dict(old.get('dataset_meta') or {})
     if 'classes' not in dataset_meta:
-        dataset_meta.update(test_dataset.get('metainfo') or {})
+        dataset_meta.update(config_dataset_meta(test_dataset))
     if 'classes' not in dataset_meta:
         raise ConfigError('the checkpoint has no meta.dataset_meta.classes '
-                          'and the test dataset no metainfo.classes: a '
-                          'published model needs its class names.')
+                          'and the test dataset no classes: a published '
+                          'model needs its class names.')
     wrapper = cfg.get('optim_wrapper') or {}
     meta = dict(
         dataset_meta={k: dataset_meta[k] for k in ('classes', 'palette')
@@ -224,11 +256,22 @@ def check_model_loads(cfg: Config, state: dict, path: str) -> None:
     if 'init_cfg' in model_cfg.get('backbone', {}):
         model_cfg.backbone.init_cfg = None  # no download, as init_detector
     model = MODELS.build(model_cfg)
-    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    # load_state_dict raises at a shape that differs (another num_classes),
+    # with a traceback: those are named first, as the keys are.
+    shapes = [f'{key} {list(value.shape)} (model {list(own[key].shape)})'
+              for key, value in state.items()
+              if key in own and value.shape != own[key].shape]
+    if shapes:
+        missing = [key for key in own if key not in state]
+        unexpected = [key for key in state if key not in own]
+    else:
+        result = model.load_state_dict(state, strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
     problems = [f'{what}: {", ".join(keys[:5])}' +
                 (f' and {len(keys) - 5} more' if len(keys) > 5 else '')
-                for what, keys in (('missing', result.missing_keys),
-                                   ('unexpected', result.unexpected_keys))
+                for what, keys in (('shapes', shapes), ('missing', missing),
+                                   ('unexpected', unexpected))
                 if keys]
     if problems:
         raise ConfigError(f'CHECKPOINT: {path!r} does not fit the model of '
@@ -285,7 +328,8 @@ def existing_outputs(out_dir: str, name: str) -> list:
 
 def publish(config: str, checkpoint_path: str, out_dir: str) -> tuple:
     """Write the published pair; return (checkpoint path, config path,
-    notes). Everything is checked before anything is written."""
+    notes, the modules the pair needs: the user's own custom_imports).
+    Everything is checked before anything is written."""
     if not osp.isfile(config):
         raise ConfigError(f'CONFIG: {config!r} does not exist.')
     name = osp.splitext(osp.basename(config))[0]
@@ -308,22 +352,26 @@ def publish(config: str, checkpoint_path: str, out_dir: str) -> tuple:
 
     weights_path, config_path = write_pair(published, published_cfg,
                                            out_dir, name)
-    return weights_path, config_path, notes
+    needs = (published_cfg.get('custom_imports') or {}).get('imports', [])
+    return weights_path, config_path, notes, needs
 
 
 def main():
     args = parse_args()
     try:
-        weights, config, notes = publish(args.config, args.checkpoint,
-                                         args.out_dir)
+        weights, config, notes, needs = publish(
+            args.config, args.checkpoint, args.out_dir)
     except ConfigError as error:
         sys.exit(f'error: {error}')
     for note in notes:
         print(f'Note: {note}.')
+    # The user's own custom_imports stay: the pair needs them, not gc_mm.
+    needing = (f', with {", ".join(needs)} importable (the config\'s '
+               'custom_imports)' if needs else '')
     print(f'Published checkpoint: {weights}\n'
           f'Inference config: {config}\n'
-          'Both load without gc_mm: mmdet.apis.init_detector(config, '
-          'checkpoint) or tools/infer.py.')
+          f'Both load without gc_mm{needing}: mmdet.apis.init_detector('
+          'config, checkpoint) or tools/infer.py.')
 
 
 if __name__ == '__main__':
