@@ -15,7 +15,7 @@ from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
 import gc_mm  # noqa: F401  (registers the hook, optimizers and wrappers)
-from conftest import REPO, run_tool
+from conftest import REPO, needs_cpu_amp, run_tool
 from gc_mm.hooks import GradStatsHook
 
 DEMO = osp.join(REPO, 'configs/demo/mask_rcnn_r18_fpn_gc_shapes.py')
@@ -211,6 +211,7 @@ def test_stats_match_a_hand_computation(tmp_path, optim_wrapper, mode):
 def test_tensorboard_backend_gets_the_statistics(tmp_path):
     """With TensorboardVisBackend configured, the event file holds the same
     values as scalars.json, at the same steps."""
+    pytest.importorskip('tensorboard')  # gc_mm's tests extra
     from tensorboard.backend.event_processing.event_accumulator import \
         EventAccumulator
     train(tmp_path,
@@ -234,6 +235,7 @@ def test_tensorboard_backend_gets_the_statistics(tmp_path):
                                           abs=1e-12), tag
 
 
+@needs_cpu_amp
 def test_amp_stats_are_of_the_unscaled_gradients(tmp_path):
     """AmpGCOptimWrapper (CPU bfloat16, loss scale 1024): the statistics are
     of the unscaled, clipped gradients, as the optimizer uses them."""
@@ -265,6 +267,7 @@ class InfAtIteration(Tiny):
         return losses
 
 
+@needs_cpu_amp
 @pytest.mark.parametrize('optimizer, gc_mode', [
     (SGD, 'conv_fc'),  # GC in the wrapper
     (dict(SGD, type='SGD_GC'), None),  # GC in the optimizer (--amp)
@@ -341,6 +344,7 @@ def test_demo_run_writes_the_statistics_to_scalars_json(tmp_path):
     """tools/train.py on 12 demo images (3 iterations), interval 2: the
     default layers of Mask R-CNN, at iteration 2 only, post-GC row means
     ~0 (the demo trains with SGD_GC)."""
+    pytest.importorskip('mmdet')  # tools/train.py
     config = tmp_path / 'demo_grad_stats.py'
     config.write_text(
         f"_base_ = '{DEMO}'\n"

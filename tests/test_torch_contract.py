@@ -474,7 +474,7 @@ def test_step_all_hooks(info):
     params = [torch.tensor([1., 1.])]
     for kwargs in all_inputs(info):
         optimizer = info.build(params, **kwargs)
-        optimizer2 = SGD(params)
+        optimizer2 = SGD(params, lr=1e-3)  # torch < 2.2 has no default lr
         data = []
         handles = [
             register_optimizer_step_pre_hook(lambda *a: data.append(0)),
