@@ -24,9 +24,10 @@ import socket
 import tempfile
 
 # The reasons a write fails that the user fixes outside the program: no
-# space, a quota, a read-only file system, no permission, a file size limit.
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-               errno.EPERM, errno.EFBIG)
+# space, a quota, a read-only file system, a file size limit; and no
+# permission, which a read can meet too (so only for a known write).
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM)
 TMP_PREFIX = '.tmp-'
 _CLEANED = set()  # the folders whose stale temporaries this process removed
 
@@ -91,15 +92,18 @@ def remove_stale_temporaries(folder: str, prefix: str = TMP_PREFIX) -> list:
     return removed
 
 
-def write_error(error: BaseException, folder: str = None):
+def write_error(error: BaseException, folder: str = None,
+                writing: bool = False):
     """A :class:`WriteError` for ``error`` (or the OSError it was raised
-    from) when it is a disk or permission failure, else None."""
+    from) when it is a disk failure, or a permission failure of a write
+    (``writing``, or a ``folder`` written to), else None."""
+    errnos = DISK_ERRNOS + (PERMISSION_ERRNOS if writing or folder else ())
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, WriteError):
             return error
-        if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+        if isinstance(error, OSError) and error.errno in errnos:
             where = folder or (osp.dirname(osp.abspath(error.filename))
                                if error.filename else 'a folder')
             return WriteError(error.errno, os.strerror(error.errno), where)

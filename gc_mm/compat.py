@@ -11,7 +11,11 @@
   table when torchvision is not installed (there is no CPU torchvision here).
 - mmengine writes checkpoints straight into their final path, so a run
   killed mid-write leaves a truncated file that looks like a checkpoint;
-  local writes go to a temporary file that is renamed into place.
+  local writes go to a temporary file that is renamed into place
+  (:mod:`gc_mm.atomic`). Its CheckpointHook writes ``last_checkpoint``
+  with a plain ``open('w')`` and removes the checkpoints past
+  ``max_keep_ckpts`` before saving the new one; both are done here in an
+  order a kill cannot break (:func:`_save_checkpoint_with_step`).
 - mmcv's CPU kernels of NMS and RoIAlign take float32 only; under CPU
   autocast (bfloat16 AMP) they get float32 inputs
   (:func:`enable_cpu_autocast_for_mmcv_ops`).
@@ -36,12 +40,13 @@ import logging
 import os
 import os.path as osp
 import sys
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 from mmengine.logging import print_log
+
+from .atomic import atomic_write
 
 
 def checkpoint_safe_globals() -> list:
@@ -143,23 +148,72 @@ def _load_from_torchvision(filename, map_location=None):
 
 def _atomic_put(self, obj, filepath, encoding: str = 'utf-8') -> None:
     """LocalBackend.put(_text), writing a temporary file renamed into
-    place."""
-    filepath = str(filepath)
-    folder = osp.dirname(osp.abspath(filepath))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
-    try:
-        if isinstance(obj, bytes):
-            with os.fdopen(handle, 'wb') as f:
-                f.write(obj)
-        else:
-            with os.fdopen(handle, 'w', encoding=encoding) as f:
-                f.write(obj)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, filepath)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    place (:func:`gc_mm.atomic.atomic_write`)."""
+    atomic_write(filepath, lambda f: f.write(obj),
+                 binary=isinstance(obj, bytes), encoding=encoding)
+
+
+def _remove_checkpoint(file_backend, path: str) -> None:
+    if file_backend.isfile(path):
+        file_backend.remove(path)
+    elif file_backend.isdir(path):  # deepspeed saves folders
+        file_backend.rmtree(path)
+
+
+def _save_checkpoint_with_step(self, runner, step, meta) -> None:
+    """CheckpointHook._save_checkpoint_with_step of mmengine 0.10, in an
+    order an interruption cannot break: the checkpoint, then
+    ``last_checkpoint`` (written atomically; mmengine's ``open('w')`` left
+    it empty when killed), then the removal of the checkpoints past
+    ``max_keep_ckpts`` (mmengine removed them first, so a save killed with
+    ``max_keep_ckpts=1`` left no checkpoint at all)."""
+    from mmengine.dist import is_main_process
+    outdated = []
+    if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids
+                                        and self.keep_ckpt_ids[-1] == step):
+        # _save_checkpoint and _save_best_checkpoint may both save a step.
+        if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
+            outdated.append(self.keep_ckpt_ids.popleft())
+        self.keep_ckpt_ids.append(step)
+        runner.message_hub.update_info('keep_ckpt_ids',
+                                       list(self.keep_ckpt_ids))
+    ckpt_filename = self.filename_tmpl.format(step)
+    self.last_ckpt = self.file_backend.join_path(self.out_dir, ckpt_filename)
+    runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+    runner.save_checkpoint(
+        self.out_dir,
+        ckpt_filename,
+        self.file_client_args,
+        save_optimizer=self.save_optimizer,
+        save_param_scheduler=self.save_param_scheduler,
+        meta=meta,
+        by_epoch=self.by_epoch,
+        backend_args=self.backend_args,
+        **self.args)
+    if not is_main_process():
+        return
+    atomic_write(osp.join(runner.work_dir, 'last_checkpoint'),
+                 lambda f: f.write(self.last_ckpt), binary=False)
+    for old in outdated:
+        _remove_checkpoint(
+            self.file_backend,
+            self.file_backend.join_path(self.out_dir,
+                                        self.filename_tmpl.format(old)))
+
+
+def _atomic_config_dump(dump):
+    """Config.dump, writing a ``.py`` file atomically (mmengine opens it
+    with ``open('w')``; the runner's dump into work_dir is what gc_table,
+    publish_model and infer read back)."""
+
+    def wrapped(self, file=None):
+        if file is None or not str(file).endswith('.py'):
+            return dump(self, file)
+        atomic_write(str(file), lambda f: f.write(self.pretty_text),
+                     binary=False)
+
+    wrapped._gc_mm_atomic = True
+    return wrapped
 
 
 class _OwnNumpyGenerator:
@@ -236,6 +290,11 @@ def apply() -> None:
     HistoryBuffer.__getstate__ = _history_buffer_getstate
     LocalBackend.put = _atomic_put
     LocalBackend.put_text = _atomic_put
+    from mmengine.hooks import CheckpointHook
+    CheckpointHook._save_checkpoint_with_step = _save_checkpoint_with_step
+    from mmengine.config import Config
+    if not getattr(Config.dump, '_gc_mm_atomic', False):
+        Config.dump = _atomic_config_dump(Config.dump)
     if importlib.util.find_spec('torchvision') is None:
         from mmengine.runner import CheckpointLoader
         CheckpointLoader.register_scheme(

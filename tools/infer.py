@@ -13,6 +13,7 @@ import mmcv
 from mmengine.config import Config, DictAction
 
 import gc_mm  # noqa: F401  (allow-lists the types of gc_mm's checkpoints)
+from gc_mm.atomic import atomic_write, write_error
 from gc_mm.checks import (ConfigError, check_checkpoint_file,
                           is_local_checkpoint)
 from gc_mm.compat import silence_pkg_resources_warning
@@ -90,6 +91,35 @@ def predictions(result: dict, classes, score_thr: float) -> dict:
     return kept
 
 
+def main():
+    args = parse_args()
+    try:
+        if not osp.isfile(args.config):
+            raise ConfigError(f'config {args.config!r} does not exist.')
+        if is_local_checkpoint(args.checkpoint):  # else mmengine's to read
+            check_checkpoint_file(args.checkpoint, 'checkpoint')
+        if not args.score_thr >= 0:
+            raise ConfigError(f'--score-thr={args.score_thr} must be >= 0.')
+        images = collect_images(args.inputs)
+        cfg = Config.fromfile(args.config)
+        if args.cfg_options:
+            cfg.merge_from_dict(args.cfg_options)
+        # A gc_mm dataset is replaced by the MMDetection one it derives from
+        # (the demo's would write its data into the working directory).
+        cfg, _ = inference_config(cfg)
+    except ConfigError as error:
+        sys.exit(f'error: {error}')
+    try:
+        write_outputs(args, cfg, images)
+    except OSError as error:
+        # A full disk or a read-only --out-dir: one line. Each file is
+        # written atomically, so what is there is complete.
+        failure = write_error(error)
+        if failure is None:
+            raise
+        sys.exit(f'error: {failure}')
+
+
 def build_inferencer(cfg: Config, checkpoint: str, device=None):
     """MMDetection's DetInferencer, which loads the checkpoint with
     torch.load's default, weights_only=True; a checkpoint without class
@@ -121,32 +151,19 @@ def build_inferencer(cfg: Config, checkpoint: str, device=None):
                       show_progress=False)
 
 
-def main():
-    args = parse_args()
+def write_outputs(args, cfg, images) -> None:
+    """Draw and save the predictions of the model of ``cfg`` on ``images``."""
+    # Before the model loads: a folder that cannot be made fails at once.
     try:
-        if not osp.isfile(args.config):
-            raise ConfigError(f'config {args.config!r} does not exist.')
-        if is_local_checkpoint(args.checkpoint):  # else mmengine's to read
-            check_checkpoint_file(args.checkpoint, 'checkpoint')
-        if not args.score_thr >= 0:
-            raise ConfigError(f'--score-thr={args.score_thr} must be >= 0.')
-        images = collect_images(args.inputs)
-        cfg = Config.fromfile(args.config)
-        if args.cfg_options:
-            cfg.merge_from_dict(args.cfg_options)
-        # A gc_mm dataset is replaced by the MMDetection one it derives from
-        # (the demo's would write its data into the working directory).
-        cfg, _ = inference_config(cfg)
-    except ConfigError as error:
-        sys.exit(f'error: {error}')
-
+        for folder in ('vis', 'preds'):
+            os.makedirs(osp.join(args.out_dir, folder), exist_ok=True)
+    except OSError as error:
+        raise write_error(error, writing=True) or error
     inferencer = build_inferencer(cfg, args.checkpoint, args.device)
     results = inferencer(images, batch_size=args.batch_size,
                          return_vis=True, no_save_vis=True,
                          no_save_pred=True, pred_score_thr=args.score_thr)
     classes = inferencer.model.dataset_meta['classes']
-    for folder in ('vis', 'preds'):
-        os.makedirs(osp.join(args.out_dir, folder), exist_ok=True)
     drawn = 0
     for path, result, image in zip(images, results['predictions'],
                                    results['visualization']):
@@ -155,8 +172,8 @@ def main():
         kept['img_path'] = path
         mmcv.imwrite(image[..., ::-1], osp.join(args.out_dir, 'vis',
                                                f'{stem}.png'))
-        with open(osp.join(args.out_dir, 'preds', f'{stem}.json'), 'w') as f:
-            json.dump(kept, f)
+        atomic_write(osp.join(args.out_dir, 'preds', f'{stem}.json'),
+                     lambda f: json.dump(kept, f), binary=False)
         drawn += len(kept['scores'])
     print(f'{len(images)} images, {drawn} predictions above score '
           f'{args.score_thr}: {osp.join(args.out_dir, "vis")} (drawn), '

@@ -6,9 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+# A .venv whose creation was interrupted (Ctrl-C during `python -m venv`)
+# has a python without pip: it is made again.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    echo "Creating .venv..."
+    "$python" -m venv --clear .venv
+fi
 pip() { .venv/bin/python -m pip "$@"; }
 
+echo "Installing torch, mmengine and tensorboard (skipped where present)..."
 # tensorboard: for MMEngine's TensorboardVisBackend (and its test); triton:
 # SGD_GC's CUDA kernel, which tests/test_triton.py runs here in Triton's
 # interpreter (torch's CUDA wheels bring triton themselves).
@@ -22,11 +28,27 @@ fi
 # gc_mm, editable. setup.py compiles its C++ kernels for this CPU against
 # the torch above (about 3 min; --use-pep517 makes pip 23 run setup.py's
 # build, whose legacy `develop` would skip it), so this is skipped while
+# gc_mm (this checkout) and its dependencies are installed in .venv and
 # every kernel is installed and newer than everything it is built from.
+# Checked from outside the repository, where gc_mm imports only if pip
+# installed it (the kernels alone are no proof: an install interrupted
+# after copying them left mmdet and gc_mm out).
+repo=$(pwd)
+gc_mm_installed() {
+    (cd / && "$repo/.venv/bin/python" - "$repo" <<'EOF'
+import os.path as osp, sys
+import mmdet, pycocotools, pytest  # noqa: F401
+import gc_mm, gc_mm.kernels as k
+here = osp.realpath(osp.dirname(osp.dirname(gc_mm.__file__)))
+sys.exit(here != osp.realpath(sys.argv[1])
+         or not all(k.installed(n) for n in k.KERNELS))
+EOF
+    ) >/dev/null 2>&1
+}
 oldest=$(ls -tr gc_mm/kernels/_*.so 2>/dev/null | head -n1 || true)
 if [ -z "$oldest" ] \
     || [ -n "$(find setup.py gc_mm/kernels -newer "$oldest" \( -name '*.py' -o -name '*.cpp' -o -name '*.h' \))" ] \
-    || ! .venv/bin/python -c 'import sys, gc_mm.kernels as k; sys.exit(not all(k.installed(n) for n in k.KERNELS))' 2>/dev/null; then
+    || ! gc_mm_installed; then
     echo "Installing gc_mm and compiling its kernels (about 3 min)..."
     pip install -q --no-build-isolation --use-pep517 -e ".[tests]"
 fi

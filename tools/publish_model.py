@@ -7,15 +7,16 @@ import argparse
 import copy
 import hashlib
 import inspect
+import io
 import os
 import os.path as osp
 import sys
-import tempfile
 
 import torch
 from mmengine.config import Config
 
 import gc_mm  # noqa: F401  (registers gc_mm, allow-lists its checkpoints)
+from gc_mm.atomic import WriteError, atomic_write
 from gc_mm.checks import ConfigError, check_checkpoint_file
 from gc_mm.compat import silence_pkg_resources_warning
 
@@ -280,42 +281,30 @@ def check_model_loads(cfg: Config, state: dict, path: str) -> None:
 
 def write_pair(published: dict, cfg: Config, out_dir: str,
                name: str) -> tuple:
-    """Write OUT_DIR/<name>-<sha8>.pth and OUT_DIR/<name>.py: both go to
-    temporary files first, renamed into place once both are complete; on
-    any failure nothing is left (not even a folder this call created)."""
+    """Write OUT_DIR/<name>-<sha8>.pth and OUT_DIR/<name>.py, each
+    atomically (:func:`gc_mm.atomic.atomic_write`); on any failure nothing
+    is left (not even a folder this call created). A full disk or a
+    read-only OUT_DIR raises :class:`gc_mm.atomic.WriteError`."""
+    with io.BytesIO() as buffer:
+        torch.save(published, buffer)
+        data = buffer.getvalue()
+    finals = (osp.join(out_dir, f'{name}-'
+                       f'{hashlib.sha256(data).hexdigest()[:8]}.pth'),
+              osp.join(out_dir, f'{name}.py'))
     created = not osp.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    temporaries, placed = [], []
+    placed = []
     try:
-        for suffix in ('.pth', '.py'):
-            handle, tmp = tempfile.mkstemp(prefix='.tmp-', suffix=suffix,
-                                           dir=out_dir)
-            temporaries.append(tmp)
-            with os.fdopen(handle, 'wb') as f:
-                # A file object: torch names the archive's folder after a
-                # path's file name, and refuses a hidden one.
-                if suffix == '.pth':
-                    torch.save(published, f)
-            if suffix == '.py':
-                cfg.dump(tmp)  # the format follows the suffix
-            os.chmod(tmp, 0o644)
-        sha = hashlib.sha256()
-        with open(temporaries[0], 'rb') as f:
-            for block in iter(lambda: f.read(2**20), b''):
-                sha.update(block)
-        finals = [osp.join(out_dir, f'{name}-{sha.hexdigest()[:8]}.pth'),
-                  osp.join(out_dir, f'{name}.py')]
-        for tmp, final in zip(temporaries, finals):
-            os.replace(tmp, final)
-            placed.append(final)
+        atomic_write(finals[0], lambda f: f.write(data))
+        placed.append(finals[0])
+        atomic_write(finals[1], lambda f: f.write(cfg.pretty_text),
+                     binary=False)
     except BaseException:
-        for path in temporaries + placed:
-            if osp.exists(path):
-                os.unlink(path)
-        if created:
+        for path in placed:
+            os.unlink(path)
+        if created and osp.isdir(out_dir):
             os.rmdir(out_dir)
         raise
-    return tuple(finals)
+    return finals
 
 
 def existing_outputs(out_dir: str, name: str) -> list:
@@ -362,6 +351,8 @@ def main():
         weights, config, notes, needs = publish(
             args.config, args.checkpoint, args.out_dir)
     except ConfigError as error:
+        sys.exit(f'error: {error}')
+    except WriteError as error:  # a full disk or a read-only OUT_DIR
         sys.exit(f'error: {error}')
     for note in notes:
         print(f'Note: {note}.')

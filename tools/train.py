@@ -12,7 +12,9 @@ from mmengine.registry import OPTIMIZERS, RUNNERS
 from mmengine.runner import Runner
 
 import gc_mm  # noqa: F401  (registers gc_mm, applies the compat fixes)
-from gc_mm.checks import ConfigError, check_before_run, checkpoint_path
+from gc_mm.atomic import atomic_write, write_error
+from gc_mm.checks import (ConfigError, check_before_run, checkpoint_path,
+                          resume_checkpoint)
 from gc_mm.compat import setup_distributed, silence_pkg_resources_warning
 from gc_mm.optimizers import Lookahead
 
@@ -128,7 +130,15 @@ def build_config(args) -> Config:
         cfg.custom_hooks.append(dict(type='SlowWeightsHook'))
     if args.resume == 'auto':
         cfg.resume = True
-        cfg.load_from = None
+        # What work_dir/last_checkpoint names; where a kill left that file
+        # empty or naming an incomplete checkpoint (mmengine would resume
+        # from '' and fail), the newest complete one, which it then names.
+        cfg.load_from, note = resume_checkpoint(cfg.work_dir)
+        if note:
+            print(f'Note: {note}.')
+            if int(os.environ.get('RANK', '0')) == 0:
+                atomic_write(osp.join(cfg.work_dir, 'last_checkpoint'),
+                             lambda f: f.write(cfg.load_from), binary=False)
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
@@ -158,18 +168,21 @@ def main():
     try:
         cfg = build_config(args)
         check_before_run(cfg, loaders=('train_dataloader', 'val_dataloader'))
-    except ConfigError as error:
-        sys.exit(f'error: {error}')
-    setup_distributed(cfg, args.launcher)
-
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
-    try:
+        setup_distributed(cfg, args.launcher)
+        if 'runner_type' not in cfg:
+            runner = Runner.from_cfg(cfg)
+        else:
+            runner = RUNNERS.build(cfg)
         runner.train()
     except ConfigError as error:
         sys.exit(f'error: {error}')
+    except OSError as error:
+        # A full disk or a read-only work_dir: one line (checkpoints are
+        # written atomically, so the previous one stays usable).
+        failure = write_error(error)
+        if failure is None:
+            raise
+        sys.exit(f'error: {failure}')
 
     if runner.rank == 0:
         last = osp.join(cfg.work_dir, 'last_checkpoint')

@@ -16,10 +16,11 @@ import json
 import os
 import os.path as osp
 import shutil
-import tempfile
 
 import cv2
 import numpy as np
+
+from ..atomic import temporary_folder
 
 CLASSES = ('circle', 'square', 'triangle', 'hexagon')
 SPLITS = {'train': 0, 'val': 1}  # split -> seed offset
@@ -127,9 +128,8 @@ def make_shapes_dataset(root: str,
                 f'{root} holds a shapes dataset made with {existing}, not '
                 f'{settings}: remove it or choose another data_root')
         return root
-    parent = osp.dirname(osp.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.shapes-', dir=parent)
+    # Named after its process: a later call removes those of killed ones.
+    tmp = temporary_folder(root, prefix='.shapes-')
     try:
         print(f'Writing the shapes demo dataset to {root} ...', flush=True)
         for split, offset in SPLITS.items():
