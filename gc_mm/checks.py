@@ -290,7 +290,12 @@ def check_checkpoint_file(path: str, what: str) -> None:
     zip format (torch >= 1.6) is checked without reading tensor data (its
     data.pkl read statically, or on torch < 2.6 memory-mapped); the legacy
     format (older model zoos) is loaded once here (such files are small).
-    The runner then loads it once."""
+    The runner then loads it once. torch < 2.4 has no allow-list, so its
+    ``weights_only=True`` refuses every training checkpoint of mmengine
+    (the message hub's types); the runner loads with torch's default there,
+    a full unpickling (README: Supported torch versions), and only the file
+    is checked."""
+    judge_globals = hasattr(torch.serialization, 'add_safe_globals')
     if not osp.isfile(path):
         raise ConfigError(f'{what}: checkpoint {path!r} does not exist.')
     if osp.getsize(path) == 0:
@@ -301,7 +306,10 @@ def check_checkpoint_file(path: str, what: str) -> None:
             raise ConfigError(
                 f'{what}: {path!r} is not a PyTorch checkpoint (truncated, '
                 'or another kind of file).')
-        _weights_only_load(path, what)
+        if judge_globals:
+            _weights_only_load(path, what)
+        return
+    if not judge_globals:
         return
     unsafe_globals = getattr(torch.serialization,
                              'get_unsafe_globals_in_checkpoint', None)
