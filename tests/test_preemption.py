@@ -17,6 +17,15 @@ import gc_mm  # noqa: F401  (registers the hooks and GC optimizers)
 from gc_mm.hooks import EXIT_PREEMPTED, PreemptionHook, RandomStateHook
 from test_grad_stats import Pairs, Tiny
 
+class RandomTiny(Tiny):
+    """Tiny whose loss draws from torch's generator, as a detector's
+    samplers do: a resumed run must continue its stream."""
+
+    def forward(self, inputs, target=None, mode='loss'):
+        losses = super().forward(inputs, target, mode)
+        return dict(loss=losses['loss'] * (1 + torch.rand(())))
+
+
 STOP_AFTER = 4  # a signal after 4 iterations, mid-epoch
 
 
@@ -33,11 +42,13 @@ class SignalAt(Hook):
             os.kill(os.getpid(), self.signum)
 
 
-def run(work_dir, name, hooks=(), resume=False, launcher='none'):
+def run(work_dir, name, hooks=(), resume=False, launcher='none',
+        workers=0):
     runner = Runner(
-        model=Tiny(), work_dir=str(work_dir), experiment_name=name,
+        model=RandomTiny(), work_dir=str(work_dir), experiment_name=name,
         train_dataloader=dict(
-            dataset=Pairs(), batch_size=2, num_workers=0,
+            dataset=Pairs(), batch_size=2, num_workers=workers,
+            persistent_workers=workers > 0,
             sampler=dict(type='DefaultSampler', shuffle=True),
             collate_fn=dict(type='default_collate')),
         optim_wrapper=dict(optimizer=dict(type='SGD_GC', lr=0.05,
@@ -54,11 +65,13 @@ def run(work_dir, name, hooks=(), resume=False, launcher='none'):
             for n, p in runner.model.named_parameters()}
 
 
-def weights_after(work_dir, signum, name, launcher='none', ranks=(0, )):
+def weights_after(work_dir, signum, name, launcher='none', ranks=(0, ),
+                  workers=0):
     """Train with a signal after STOP_AFTER iterations, then resume."""
     with pytest.raises(SystemExit) as stopped:
         run(work_dir, f'{name}_stopped',
-            [SignalAt(STOP_AFTER, signum, ranks)], launcher=launcher)
+            [SignalAt(STOP_AFTER, signum, ranks)], launcher=launcher,
+            workers=workers)
     assert stopped.value.code == EXIT_PREEMPTED
     checkpoint = osp.join(work_dir, f'iter_{STOP_AFTER}.pth')
     with open(osp.join(work_dir, 'last_checkpoint')) as f:
@@ -68,14 +81,19 @@ def weights_after(work_dir, signum, name, launcher='none', ranks=(0, )):
     # iterations per epoch), mid-epoch 2 on two (3).
     world_size = 2 if launcher == 'pytorch' else 1
     assert (meta['epoch'], meta['iter']) == (world_size - 1, STOP_AFTER)
-    return run(work_dir, f'{name}_resumed', resume=True, launcher=launcher)
+    return run(work_dir, f'{name}_resumed', resume=True, launcher=launcher,
+               workers=workers)
 
 
-@pytest.mark.parametrize('signum', [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize('signum,workers', [(signal.SIGUSR1, 0),
+                                            (signal.SIGTERM, 2)])
 def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_equal(
-        tmp_path, signum):
-    straight = run(tmp_path / 'straight', 'straight')
-    resumed = weights_after(tmp_path / 'stopped', signum, signum.name)
+        tmp_path, signum, workers):
+    """Without data workers and with two persistent ones; the model draws
+    from torch's generator every iteration."""
+    straight = run(tmp_path / 'straight', 'straight', workers=workers)
+    resumed = weights_after(tmp_path / 'stopped', signum, signum.name,
+                            workers=workers)
     for name, weight in straight.items():
         torch.testing.assert_close(resumed[name], weight, rtol=0, atol=0,
                                    msg=name)

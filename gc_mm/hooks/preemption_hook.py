@@ -13,7 +13,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop
 
 from ..atomic import atomic_write
-from .random_state_hook import RandomStateHook
+from .random_state_hook import RandomStateHook, _local_state, _restore
 
 # The exit status of a run stopped by a signal once it saved: sysexits'
 # EX_TEMPFAIL, "try again later" (tools/slurm_train.sh requeues the job).
@@ -35,10 +35,18 @@ class _SkipFirstBatches:
         self.count = count
 
     def __iter__(self):
-        batches = iter(self.loader)
         count, self.count = self.count, 0
+        if not count:
+            return iter(self.loader)
+        # The interrupted run drew from this process's generators for these
+        # batches (the iterator's base seed, from torch's without workers;
+        # random transforms without workers) before its checkpoint, which
+        # holds the generators as they were after: draw, then restore them.
+        state = _local_state()
+        batches = iter(self.loader)
         for _ in range(count):
             next(batches, None)
+        _restore(state)
         return batches
 
     def __len__(self) -> int:
