@@ -165,13 +165,44 @@ def test_table_lists_unfinished_and_metricless_runs(runs, tmp_path):
     check_rows(rows, [final_metrics(work[BASE, 0])],
                [final_metrics(work[TWIN, 0])])
     reasons = {r['work_dir']: r['not_counted'] for r in per_run}
-    assert reasons[cut] == (f'{path}: lines [{len(records) + 1}] are not '
-                            'JSON; unfinished: 1 of 2 epochs')
+    assert reasons[cut] == 'unfinished: 1 of 2 epochs'
     assert reasons[bare] == ('no validation metrics at the end of '
                              'training')
     assert '2 run(s) not counted:' in stdout
     assert f'- {cut} ({BASE} seed 1): {reasons[cut]}' in stdout
+    assert (f'- {cut} ({BASE} seed 1): {path}: line {len(records) + 1} '
+            'skipped (cut short by an interrupted launch)') in stdout
     assert f'- {bare} ({TWIN} seed 1): no validation metrics' in stdout
+
+
+def test_table_counts_a_resumed_run_whose_first_launch_was_cut_short(
+        runs, tmp_path):
+    """A launch killed while logging leaves a partial last line in its
+    scalars.json; resumed, the run finished: the line is skipped with a
+    note and the run is counted with its final metrics (issue 26)."""
+    _, work = runs
+    resumed = copy_run(work[BASE, 1], tmp_path / 'resumed')
+    path, records = scalars(resumed)
+    # Launch 1 logged epoch 1 and was killed writing a line of epoch 2;
+    # launch 2 (a later timestamp) logged epoch 2.
+    rewrite(resumed, keep=lambda r: r['step'] == 1)
+    with open(path, 'a') as f:
+        f.write('{"lr": 0.0004, "loss": 3.8')
+    later = osp.join(resumed, '29991231_235959', 'vis_data')
+    os.makedirs(later)
+    with open(osp.join(later, 'scalars.json'), 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records
+                     if r['step'] != 1)
+    stdout, rows, per_run = table(
+        [work[BASE, 0], work[TWIN, 0], work[TWIN, 1], resumed], tmp_path)
+    check_rows(rows, [final_metrics(work[BASE, 0]),
+                      final_metrics(work[BASE, 1])],
+               [final_metrics(work[TWIN, s]) for s in SEEDS])
+    assert {r['work_dir']: r['not_counted'] for r in per_run}[resumed] == ''
+    assert 'not counted' not in stdout
+    lines = sum(1 for _ in open(path))
+    assert (f'- {resumed} ({BASE} seed 1): {path}: line {lines} skipped '
+            '(cut short by an interrupted launch)') in stdout
 
 
 def test_table_leaves_out_the_work_dirs_of_tests(runs, tmp_path):

@@ -112,6 +112,8 @@ class Run:
     # iteration -> the GradStatsHook scalars logged then
     grad: Dict[int, dict] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
+    # What was skipped without costing the run its count.
+    notes: List[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -176,17 +178,23 @@ def find_run_dirs(paths: List[str]) -> List[str]:
 
 
 def read_scalars(path: str):
-    """The records of a scalars.json and the numbers of its lines that are
-    not JSON (the last line of a run killed while writing it)."""
-    records, bad = [], []
+    """(records, bad, partial) of a scalars.json: its records, the numbers
+    of its lines that are not JSON, and the number of its last line if that
+    one is cut short (no newline, not JSON: the launch was killed while
+    logging it; the records before it stand), else None."""
+    records, bad, partial = [], [], None
     with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines) and not line.endswith('\n'):
+                    partial = number
+                else:
                     bad.append(number)
-    return records, bad
+    return records, bad, partial
 
 
 def _config_fields(run: Run, dump: str) -> None:
@@ -219,9 +227,12 @@ def read_run(work_dir: str) -> Run:
     for stamp in stamps:
         path = osp.join(work_dir, stamp, 'vis_data', 'scalars.json')
         if osp.isfile(path):
-            records, bad = read_scalars(path)
+            records, bad, partial = read_scalars(path)
             if bad:
                 run.problems.append(f'{path}: lines {bad} are not JSON')
+            if partial:
+                run.notes.append(f'{path}: line {partial} skipped (cut short '
+                                 'by an interrupted launch)')
             for record in records:
                 if 'loss' in record and 'iter' in record:
                     train[record['iter']] = record
@@ -484,6 +495,11 @@ def markdown(rows: List[dict], runs: List[Run], metric: str) -> str:
         lines += ['', f'{len(skipped)} run(s) not counted:']
         lines += [f'- {run.work_dir} ({run.name}): {"; ".join(run.problems)}'
                   for run in skipped]
+    noted = [run for run in runs if run.notes]
+    if noted:
+        lines += ['', 'Notes:']
+        lines += [f'- {run.work_dir} ({run.name}): {"; ".join(run.notes)}'
+                  for run in noted]
     return '\n'.join(lines) + '\n'
 
 
