@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -320,3 +321,60 @@ def test_slurm_train_passes_the_signal_on_requeues_and_resumes(
     step = int(stopped.split()[-1])
     assert 0 < step < 30 and resumed == f'resumed at {step}'
     assert 'requeueing job' in (tmp_path / 'job.out').read_text()
+
+
+def _demo_job(slurm, tmp_path, name, options, batch):
+    """slurm_train.sh on the demo with two CPU tasks: through sbatch
+    --requeue (``batch``) or srun alone; returns each rank's weights after
+    training."""
+    out = tmp_path / name
+    out.mkdir()
+    config = out / 'demo.py'
+    config.write_text(
+        f"_base_ = '{DEMO}'\n"
+        "custom_imports = dict(imports=['gc_mm', 'gc_mm.datasets', "
+        "'state_dump_hook', 'slurm_signal_hook'], "
+        "allow_failed_imports=False)\n"
+        f"custom_hooks = [dict(type='StateDumpHook', out_dir='{out}')" +
+        (", dict(type='SlurmSignalHook', iteration=1)]\n" if batch else
+         ']\n'))
+    env = dict(slurm, GPUS='2', GPUS_PER_NODE='0', CPUS_PER_TASK='1',
+               PYTHON=sys.executable, PYTHONPATH=osp.join(REPO, 'tests'))
+    args = [SLURM_TRAIN, PARTITION, name, str(config), str(out / 'work'),
+            '--cfg-options', *options]
+    if not batch:
+        run_tool(args, cwd=tmp_path, env=env)
+    else:
+        subprocess.run(
+            ['sbatch', '--parsable', '--requeue', '-p', PARTITION, '-n',
+             '2', '-c', '1', '--open-mode=append', f'--output={out}/job.out',
+             *args], env=dict(os.environ, PYTHONUNBUFFERED='1', **env),
+            cwd=tmp_path, capture_output=True, text=True,
+            check=True, timeout=60)
+        assert _wait_for(lambda: (out / 'after_train_rank1.pth').exists()
+                         and (out / 'after_train_rank0.pth').exists(),
+                         900), _tail(out / 'job.out', 60)
+        time.sleep(2)  # the dumps are written by now
+        log = (out / 'job.out').read_text()
+        assert 'requeueing job' in log and 'PreemptionHook: stopped by ' \
+            'SIGUSR1 after iteration 1' in log, log[-6000:]
+    return [torch.load(out / f'after_train_rank{r}.pth', weights_only=True)
+            for r in (0, 1)]
+
+
+def test_a_preempted_demo_job_requeues_and_ends_as_an_uninterrupted_one(
+        slurm, tmp_path):
+    """Two CPU tasks train the demo, 2 iterations in one epoch; submitted
+    with sbatch, the job's batch shell gets SIGUSR1 after iteration 1 (mid
+    epoch): the tasks save iter_1.pth and stop, the job requeues itself and
+    resumes, and both ranks end with the weights of the same training run
+    without the signal (run with srun alone)."""
+    pytest.importorskip('mmdet')
+    options = [*DEMO_SMALL, 'train_dataloader.batch_size=2']
+    straight = _demo_job(slurm, tmp_path, 'straight', options, batch=False)
+    preempted = _demo_job(slurm, tmp_path, 'preempted', options, batch=True)
+    for rank in (0, 1):
+        assert straight[rank]['iter'] == preempted[rank]['iter'] == 2
+        for key, value in straight[rank]['params'].items():
+            torch.testing.assert_close(preempted[rank]['params'][key], value,
+                                       rtol=0, atol=0, msg=key)

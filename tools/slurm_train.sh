@@ -7,10 +7,14 @@
 # from the job id).
 # Preemption and time limits: submitted as a batch job that may be requeued,
 #   sbatch --requeue --signal=B:USR1@120 -p PARTITION [-N, -n ...] tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR
-# the script passes SIGUSR1 (or SIGTERM) to the tasks, whose PreemptionHook
-# finishes the iteration, saves an iteration checkpoint and exits 75; the
-# job then requeues itself (scontrol requeue) and, requeued
-# (SLURM_RESTART_COUNT > 0), resumes from that checkpoint (--resume).
+# the script passes SIGUSR1 to the tasks, whose PreemptionHook finishes the
+# iteration, saves an iteration checkpoint and exits 75; the job then
+# requeues itself (scontrol requeue) and, requeued (SLURM_RESTART_COUNT > 0),
+# resumes from that checkpoint (--resume). So does a job whose tasks got
+# SIGUSR1 themselves (--signal=USR1@120). SIGTERM (scancel, the time limit,
+# preemption without warning) is passed on too, so the tasks save, but the
+# job is not requeued: a cancelled job stays cancelled (Slurm's own
+# PreemptMode=REQUEUE requeues a preempted job).
 set -ex
 PARTITION=$1
 JOB_NAME=$2
@@ -43,12 +47,13 @@ fi
 
 # srun runs in the background so that this shell can take Slurm's signal
 # (bash runs a trap only between commands) and pass it on.
-STOPPED=0
-stop() {
-    STOPPED=1
-    kill -USR1 "$SRUN_PID" 2>/dev/null || true
+SIGNALLED=''
+pass_on() {
+    SIGNALLED=$1
+    kill -"$1" "$SRUN_PID" 2>/dev/null || true
 }
-trap stop USR1 TERM
+trap 'pass_on USR1' USR1
+trap 'pass_on TERM' TERM
 
 # SRUN_ARGS is split into words on purpose (several srun options).
 PYTHONPATH="$TOOLS/..":${PYTHONPATH:-} \
@@ -71,7 +76,8 @@ while kill -0 "$SRUN_PID" 2>/dev/null; do  # a trap ended the wait
 done
 set -e
 # 75: the tasks saved and stopped at a signal (PreemptionHook).
-if { [ "$STOPPED" = 1 ] || [ "$STATUS" = 75 ]; } && [ -n "${SLURM_JOB_ID:-}" ]; then
+if [ -n "${SLURM_JOB_ID:-}" ] && { [ "$SIGNALLED" = USR1 ] \
+        || { [ "$STATUS" = 75 ] && [ "$SIGNALLED" != TERM ]; }; }; then
     echo "slurm_train.sh: stopped by a signal (status $STATUS); requeueing job $SLURM_JOB_ID, which resumes from the checkpoint" >&2
     scontrol requeue "$SLURM_JOB_ID"
 fi
