@@ -686,7 +686,9 @@ finally:
     result = subprocess.run([sys.executable, '-c', script], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert result.stdout.strip() == 'still'
+    # The last line: importing mmengine may log (deepspeed's accelerator
+    # notice goes to stdout where deepspeed is installed).
+    assert result.stdout.strip().splitlines()[-1] == 'still'
     assert 'SGD_GC fused (C++ kernel) path:' in result.stderr
     assert 'gc_mm/kernels/sgd.cpp' in result.stderr
     assert 'fused=None' in result.stderr
