@@ -103,6 +103,7 @@ setup(
         'mmdet',
         'pycocotools',
         'setuptools<82',  # pkg_resources, for mmengine's mmdet:: configs
+        'torch-pruning',  # tools/prune.py's dependency analysis
     ],
     # deepspeed: tests/test_sharded.py runs ZeRO 0-2 on CPU with gloo (pure
     # Python here: its ops build on first use, and none is used).

@@ -23,6 +23,8 @@ TWINS = [(f'configs/{n}.py', f'configs/{n}_gc.py') for n in PAPER_TWINS] + [
      'configs/demo/mask_rcnn_r18_fpn_gc_shapes.py'),
     ('configs/finetune/mask_rcnn_r50_balloon.py',
      'configs/finetune/mask_rcnn_r50_gc_balloon.py'),
+    ('configs/prune/mask_rcnn_r18_fpn_shapes_rebirth.py',
+     'configs/prune/mask_rcnn_r18_fpn_gc_shapes_rebirth.py'),
 ]
 
 

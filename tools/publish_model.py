@@ -2,7 +2,9 @@
 # tools/model_converters/publish_model.py, plus an inference config that
 # needs no gc_mm. Writes OUT_DIR/<name>-<sha256[:8]>.pth (the weights and
 # plain metadata, loadable with torch's weights_only=True without gc_mm)
-# and OUT_DIR/<name>.py.
+# and OUT_DIR/<name>.py. A pruned model (tools/prune.py) is the exception:
+# its config keeps gc_mm.pruning in custom_imports, whose PrunedModel
+# rebuilds the pruned architecture (the checkpoint alone needs no gc_mm).
 import argparse
 import copy
 import hashlib
@@ -16,6 +18,7 @@ import torch
 from mmengine.config import Config
 
 import gc_mm  # noqa: F401  (registers gc_mm, allow-lists its checkpoints)
+import gc_mm.pruning  # noqa: F401  (registers PrunedModel)
 from gc_mm.atomic import WriteError, atomic_write
 from gc_mm.checks import ConfigError, check_checkpoint_file
 from gc_mm.compat import silence_pkg_resources_warning
@@ -28,6 +31,9 @@ TRAINING_KEYS = ('optimizer', 'optim_wrapper', 'param_scheduler',
                  'train_cfg', 'train_dataloader', 'auto_scale_lr', 'work_dir',
                  'launcher')
 HOOK_KEYS = ('custom_hooks', 'default_hooks')
+# The one gc_mm type a published config keeps (model.type of a pruned
+# model), and the import that registers it.
+PRUNED_MODEL, PRUNED_IMPORT = 'PrunedModel', 'gc_mm.pruning'
 
 
 def parse_args():
@@ -108,8 +114,10 @@ def _walk(node, where: str, types: dict, notes: list):
         return
     cls = types.get(node.get('type')) if isinstance(node.get('type'),
                                                     str) else None
-    if cls is not None:
-        if issubclass(cls, BaseDataset):
+    if where == 'model' and node.get('type') == PRUNED_MODEL:
+        pass  # kept, with its import (inference_config)
+    elif cls is not None:
+        if isinstance(cls, type) and issubclass(cls, BaseDataset):
             _replace_dataset(node, cls, where, notes)
         else:
             raise ConfigError(
@@ -160,7 +168,13 @@ def inference_config(cfg: Config):
     types, notes = gc_mm_types(), []
     for key in TRAINING_KEYS:
         cfg.pop(key, None)
-    _own_imports(cfg, notes)
+    kept = _own_imports(cfg, notes)
+    if (cfg.get('model') or {}).get('type') == PRUNED_MODEL:
+        cfg.custom_imports = dict(imports=kept + [PRUNED_IMPORT],
+                                  allow_failed_imports=False)
+        notes.append(f'the model is pruned (tools/prune.py): custom_imports '
+                     f'keeps {PRUNED_IMPORT}, whose {PRUNED_MODEL} rebuilds '
+                     'it, so loading the config needs gc_mm installed')
     cfg.load_from, cfg.resume = None, False
     for key in HOOK_KEYS:
         hooks = cfg.get(key)
@@ -356,12 +370,17 @@ def main():
         sys.exit(f'error: {error}')
     for note in notes:
         print(f'Note: {note}.')
-    # The user's own custom_imports stay: the pair needs them, not gc_mm.
-    needing = (f', with {", ".join(needs)} importable (the config\'s '
-               'custom_imports)' if needs else '')
+    # The user's own custom_imports stay: the pair needs them; gc_mm only
+    # for a pruned model (gc_mm.pruning).
+    own = [name for name in needs if name != PRUNED_IMPORT]
+    needing = (f', with {", ".join(own)} importable (the config\'s '
+               'custom_imports)' if own else '')
+    where = (f'with gc_mm installed (for {PRUNED_IMPORT}; the checkpoint '
+             'alone loads without it)' if PRUNED_IMPORT in needs else
+             'without gc_mm')
     print(f'Published checkpoint: {weights}\n'
           f'Inference config: {config}\n'
-          f'Both load without gc_mm{needing}: mmdet.apis.init_detector('
+          f'Both load {where}{needing}: mmdet.apis.init_detector('
           'config, checkpoint) or tools/infer.py.')
 
 
